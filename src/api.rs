@@ -1,0 +1,356 @@
+//! The registry's REST API (SPEC §3): handlers and their JSON shapes.
+//!
+//! Every handler returns `Result<Response, GatewayError>`; the error side
+//! becomes the SPEC's JSON error in one place (`GatewayError::into_response`).
+//! Bad input is refused before anything changes.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::body::{self, Body};
+use crate::breaker::CircuitState;
+use crate::error::{ErrorCode, GatewayError};
+use crate::registry::{HealthStatus, Instance, Registered, Registration, Registry, ServiceEntry};
+
+/// Registry request bodies larger than this get 413.
+pub const MAX_REGISTRY_BODY: usize = 64 * 1024;
+
+/// Serves `GET /healthz`, the gateway's own liveness.
+pub fn healthz(method: &Method) -> Result<Response<Body>, GatewayError> {
+    match *method {
+        Method::GET | Method::HEAD => {
+            Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+        }
+        _ => Err(GatewayError::method_not_allowed("GET, HEAD")),
+    }
+}
+
+/// Serves every path under `/services`.
+pub async fn handle<B>(
+    registry: &Registry,
+    request: Request<B>,
+) -> Result<Response<Body>, GatewayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let path = request.uri().path();
+    let rest = path.strip_prefix("/services").unwrap_or(path);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let segments = rest
+        .split('/')
+        .skip(1)
+        .map(decode_segment)
+        .collect::<Result<Vec<_>, _>>()?;
+    let method = request.method().clone();
+    let get = method == Method::GET || method == Method::HEAD;
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match segments.as_slice() {
+        [] if get => Ok(list_services(registry)),
+        [] if method == Method::POST => register(registry, request).await,
+        [] => Err(GatewayError::method_not_allowed("GET, HEAD, POST")),
+        [name] if get => {
+            let entry = service(registry, name)?;
+            Ok(json(StatusCode::OK, &ServiceView::of(&entry)))
+        }
+        [name] if method == Method::DELETE => {
+            registry.remove_service(name)?;
+            Ok(no_content())
+        }
+        [_] => Err(GatewayError::method_not_allowed("GET, HEAD, DELETE")),
+        [name, "health"] if get => {
+            let refresh = query_flag(request.uri().query(), "refresh");
+            health(registry, name, refresh).await
+        }
+        [_, "health"] => Err(GatewayError::method_not_allowed("GET, HEAD")),
+        [name, "instances"] if get => {
+            let entry = service(registry, name)?;
+            let views: Vec<_> = entry
+                .instances()
+                .iter()
+                .map(|i| InstanceView::of(i))
+                .collect();
+            Ok(json(StatusCode::OK, &views))
+        }
+        [_, "instances"] => Err(GatewayError::method_not_allowed("GET, HEAD")),
+        [name, "instances", id] if get => {
+            let entry = service(registry, name)?;
+            let instance = entry
+                .instances()
+                .iter()
+                .find(|i| i.id() == *id)
+                .ok_or_else(|| instance_not_found(name, id))?;
+            Ok(json(StatusCode::OK, &InstanceView::of(instance)))
+        }
+        [name, "instances", id] if method == Method::DELETE => {
+            registry.remove_instance(name, id)?;
+            Ok(no_content())
+        }
+        [_, "instances", _] => Err(GatewayError::method_not_allowed("GET, HEAD, DELETE")),
+        _ => Err(not_found(path)),
+    }
+}
+
+/// The answer for a path no route serves.
+pub fn not_found(path: &str) -> GatewayError {
+    let shown: String = path.chars().take(200).collect();
+    GatewayError::new(
+        ErrorCode::NotFound,
+        format!("nothing is served at {shown:?}"),
+    )
+}
+
+fn list_services(registry: &Registry) -> Response<Body> {
+    let services = registry.services();
+    let views: Vec<_> = services.iter().map(|s| ServiceView::of(s)).collect();
+    json(StatusCode::OK, &views)
+}
+
+/// `GET /services/<name>/health`: 200 while the service has a routable
+/// instance, else 503; `refresh=true` checks every instance first.
+async fn health(
+    registry: &Registry,
+    name: &str,
+    refresh: bool,
+) -> Result<Response<Body>, GatewayError> {
+    let mut entry = service(registry, name)?;
+    if refresh {
+        // Concurrently; the checker bounds checks gateway-wide. Dropping the
+        // set (the client went away) aborts the checks still running.
+        let mut checks = tokio::task::JoinSet::new();
+        for instance in entry.instances() {
+            let checker = registry.checker().clone();
+            let config = entry.policy().health_check.clone();
+            let instance = instance.clone();
+            checks.spawn(async move { checker.check(&instance, &config).await });
+        }
+        while checks.join_next().await.is_some() {}
+        // Instances may have come or gone while checking.
+        entry = service(registry, name)?;
+    }
+    let status = if entry.has_routable(Instant::now()) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok(json(status, &ServiceView::of(&entry)))
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    name: String,
+    url: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+async fn register<B>(
+    registry: &Registry,
+    request: Request<B>,
+) -> Result<Response<Body>, GatewayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<crate::body::BoxError>,
+{
+    if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
+        if !is_json(content_type) {
+            return Err(GatewayError::new(
+                ErrorCode::UnsupportedMediaType,
+                "registry requests take Content-Type: application/json",
+            ));
+        }
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_REGISTRY_BODY as u64) {
+        return Err(body_too_large());
+    }
+    let bytes = match Limited::new(request.into_body(), MAX_REGISTRY_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(body_too_large()),
+        Err(e) => {
+            return Err(GatewayError::new(
+                ErrorCode::BadRequest,
+                format!("could not read the request body: {e}"),
+            ));
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(GatewayError::new(
+            ErrorCode::InvalidJson,
+            "the request body is empty; expected {\"name\": ..., \"url\": ...}",
+        ));
+    }
+    let parsed: RegisterBody = serde_json::from_slice(&bytes).map_err(|e| {
+        GatewayError::new(
+            ErrorCode::InvalidJson,
+            format!("invalid registration JSON: {e}"),
+        )
+    })?;
+    let registered = registry.register(Registration {
+        name: parsed.name,
+        url: parsed.url,
+        id: parsed.id,
+        metadata: parsed.metadata.unwrap_or_default(),
+    })?;
+    let (status, instance) = match registered {
+        Registered::Created(instance) => (StatusCode::CREATED, instance),
+        Registered::Existing(instance) => (StatusCode::OK, instance),
+    };
+    let mut response = json(status, &InstanceView::of(&instance));
+    let location = format!(
+        "/services/{}/instances/{}",
+        instance.service(),
+        instance.id()
+    );
+    if let Ok(location) = HeaderValue::try_from(location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+fn is_json(content_type: &HeaderValue) -> bool {
+    let Ok(value) = content_type.to_str() else {
+        return false;
+    };
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+fn body_too_large() -> GatewayError {
+    GatewayError::new(
+        ErrorCode::BodyTooLarge,
+        format!("registry request bodies are limited to {MAX_REGISTRY_BODY} bytes"),
+    )
+}
+
+fn service(registry: &Registry, name: &str) -> Result<std::sync::Arc<ServiceEntry>, GatewayError> {
+    registry.get(name).ok_or_else(|| {
+        GatewayError::new(
+            ErrorCode::ServiceNotFound,
+            format!("no service named {name:?}"),
+        )
+    })
+}
+
+fn instance_not_found(name: &str, id: &str) -> GatewayError {
+    GatewayError::new(
+        ErrorCode::InstanceNotFound,
+        format!("service {name:?} has no instance {id:?}"),
+    )
+}
+
+/// Path segments are matched decoded, so an id such as `host%3A8081` works.
+fn decode_segment(segment: &str) -> Result<String, GatewayError> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| GatewayError::new(ErrorCode::InvalidPath, "path segments must be UTF-8"))
+}
+
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| {
+        q.split('&').any(|pair| {
+            pair.split_once('=')
+                .is_some_and(|(k, v)| k == name && matches!(v, "true" | "1"))
+        })
+    })
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    // Serializing these views cannot fail: they hold only strings, numbers
+    // and string maps.
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(body::full(bytes));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn no_content() -> Response<Body> {
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// An instance as the API shows it (SPEC §3).
+#[derive(Serialize)]
+struct InstanceView<'a> {
+    id: &'a str,
+    service: &'a str,
+    url: &'a str,
+    status: HealthStatus,
+    last_ping: Option<String>,
+    registered_at: String,
+    metadata: &'a BTreeMap<String, String>,
+    circuit: CircuitState,
+    consecutive_failures: u32,
+}
+
+impl<'a> InstanceView<'a> {
+    fn of(instance: &'a Instance) -> Self {
+        let (circuit, consecutive_failures) = instance.breaker().snapshot();
+        Self {
+            id: instance.id(),
+            service: instance.service(),
+            url: instance.url().as_str(),
+            status: instance.status(),
+            last_ping: instance.health().last_ping().map(rfc3339),
+            registered_at: rfc3339(instance.registered_at()),
+            metadata: instance.metadata(),
+            circuit,
+            consecutive_failures,
+        }
+    }
+}
+
+/// A service as the API shows it; its status is derived from the instance
+/// views it carries, so the two always agree.
+#[derive(Serialize)]
+struct ServiceView<'a> {
+    name: &'a str,
+    status: HealthStatus,
+    instances: Vec<InstanceView<'a>>,
+}
+
+impl<'a> ServiceView<'a> {
+    fn of(entry: &'a ServiceEntry) -> Self {
+        let instances: Vec<_> = entry
+            .instances()
+            .iter()
+            .map(|i| InstanceView::of(i))
+            .collect();
+        let status = HealthStatus::of_service(instances.iter().map(|i| i.status));
+        Self {
+            name: entry.name(),
+            status,
+            instances,
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! switchyard: a client-side load-balancing gateway.
+//!
+//! Services register their instances over REST; the gateway health-checks
+//! them, and other services call each other through it at
+//! `/call/<service>/...`, guarded by a circuit breaker per instance and safe,
+//! budgeted retries.
+//!
+//! The modules, in the order a request meets them:
+//!
+//! - [`server`]: accept loop, connection limits, graceful shutdown.
+//! - [`router`]: `/services*` → [`api`], `/call/*` → the proxy, `/healthz`.
+//! - [`api`]: the registry's REST handlers and their JSON shapes.
+//! - [`registry`]: services and instances, health state, the health checker.
+//! - [`breaker`]: the per-instance circuit breaker and its state machine.
+//! - [`upstream`]: the pooled HTTP client every upstream call uses.
+//! - [`error`]: the gateway's errors and the one place they become HTTP.
+//! - [`config`]: `gateway.toml`, defaults, environment overrides, validation.
+//! - [`gateway`]: the shared state handed to every connection.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod body;
+pub mod breaker;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod registry;
+pub mod router;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use gateway::Gateway;

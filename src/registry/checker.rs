@@ -1,0 +1,197 @@
+//! Active health checks: `GET <instance url><path>` every `interval` (±10%
+//! jitter, so instances registered together do not get checked in lockstep),
+//! the first one right at registration.
+//!
+//! Each instance has one small task; a semaphore bounds how many checks are
+//! on the wire at once, so 100 000 instances never mean 100 000 sockets. A
+//! task ends when its instance's stop token is cancelled, which happens when
+//! the instance is removed and when the gateway shuts down.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{Request, header};
+use http_body_util::{BodyExt, Limited};
+use rand::RngExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::instance::Instance;
+use crate::body;
+use crate::config::HealthCheckConfig;
+use crate::upstream::UpstreamClient;
+
+/// Checks on the wire at once, gateway-wide.
+pub const MAX_CONCURRENT_CHECKS: usize = 256;
+
+/// A passing check's body is read up to this much, so its connection can go
+/// back to the pool; past it the connection is dropped instead.
+const MAX_CHECK_BODY: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct HealthChecker {
+    client: UpstreamClient,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+impl HealthChecker {
+    /// `shutdown` is the gateway's: cancelling it ends every checker task.
+    pub fn new(client: UpstreamClient, shutdown: CancellationToken) -> Self {
+        Self {
+            client,
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS)),
+            shutdown,
+        }
+    }
+
+    /// A stop token for a new instance, cancelled with the gateway's.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.shutdown.child_token()
+    }
+
+    /// Starts checking `instance` periodically, first now, until its stop
+    /// token is cancelled. Does nothing when checks are disabled.
+    pub fn watch(&self, instance: Arc<Instance>, config: &HealthCheckConfig) {
+        if config.interval.is_zero() {
+            return;
+        }
+        let checker = self.clone();
+        let config = config.clone();
+        let stop = instance.stop_token().clone();
+        tokio::spawn(async move {
+            let interval = config.interval;
+            stop.run_until_cancelled(every(interval, || checker.check(&instance, &config)))
+                .await;
+        });
+    }
+
+    /// Runs one check of `instance` now, records it, and says whether it passed.
+    pub async fn check(&self, instance: &Instance, config: &HealthCheckConfig) -> bool {
+        let passed = {
+            // The semaphore is never closed, so acquiring cannot fail.
+            let _permit = self.permits.acquire().await;
+            probe(&self.client, instance, config).await
+        };
+        let flip = instance.health().record(
+            passed,
+            SystemTime::now(),
+            config.healthy_threshold,
+            config.unhealthy_threshold,
+        );
+        if let Some(flip) = flip {
+            tracing::info!(
+                service = instance.service(),
+                instance = instance.id(),
+                url = instance.url().as_str(),
+                from = %flip.from,
+                to = %flip.to,
+                "instance {}",
+                flip.to
+            );
+        }
+        passed
+    }
+}
+
+/// Calls `check` now and then again every `interval` ±10%, forever.
+async fn every<F, Fut>(interval: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    loop {
+        check().await;
+        let jitter = rand::rng().random_range(0.9..=1.1);
+        tokio::time::sleep(interval.mul_f64(jitter)).await;
+    }
+}
+
+/// One `GET`, bounded by `timeout` from connect to the end of the body;
+/// any 2xx passes.
+async fn probe(client: &UpstreamClient, instance: &Instance, config: &HealthCheckConfig) -> bool {
+    let (path, query) = match config.path.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (config.path.as_str(), None),
+    };
+    let url = instance.url();
+    let Ok(uri) = url.join(path, query) else {
+        return false;
+    };
+    let request = Request::get(uri)
+        .header(header::HOST, url.authority().as_str())
+        .header(
+            header::USER_AGENT,
+            concat!("switchyard/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(body::empty());
+    let Ok(request) = request else {
+        return false;
+    };
+    let exchange = async {
+        let Ok(response) = client.request(request).await else {
+            return false;
+        };
+        if !response.status().is_success() {
+            return false;
+        }
+        // Draining lets the connection be reused; a huge or broken body still
+        // passes: the status is what the check asks for.
+        let _ = Limited::new(response.into_body(), MAX_CHECK_BODY)
+            .collect()
+            .await;
+        true
+    };
+    tokio::time::timeout(config.timeout, exchange)
+        .await
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn checks_first_at_once_then_every_interval_with_jitter() {
+        let start = Instant::now();
+        let times = std::sync::Mutex::new(Vec::new());
+        let stop = CancellationToken::new();
+        let run = stop.run_until_cancelled(every(Duration::from_secs(10), || {
+            times.lock().unwrap().push(start.elapsed());
+            async { true }
+        }));
+        // Ends by deadline: the loop itself never returns.
+        let _ = tokio::time::timeout(Duration::from_secs(100), run).await;
+        let times = times.into_inner().unwrap();
+        assert_eq!(times[0], Duration::ZERO);
+        assert!(times.len() >= 9 && times.len() <= 12, "{times:?}");
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_secs(9) && gap <= Duration::from_millis(11_001),
+                "gap {gap:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_token_stops_the_loop() {
+        let calls = AtomicU32::new(0);
+        let stop = CancellationToken::new();
+        let run = stop.run_until_cancelled(every(Duration::from_secs(1), || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { true }
+        }));
+        let canceller = async {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            stop.cancel();
+        };
+        let (result, ()) = tokio::join!(run, canceller);
+        assert_eq!(result, None, "the loop ended by cancellation");
+        let seen = calls.load(Ordering::SeqCst);
+        assert!((2..=4).contains(&seen), "{seen}");
+    }
+}

@@ -1,0 +1,98 @@
+//! One registered instance: what was registered, plus its live health and
+//! circuit state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio_util::sync::CancellationToken;
+
+use super::health::{Health, HealthStatus};
+use super::validate::InstanceUrl;
+use crate::breaker::Breaker;
+
+#[derive(Debug)]
+pub struct Instance {
+    id: Arc<str>,
+    service: Arc<str>,
+    url: InstanceUrl,
+    metadata: BTreeMap<String, String>,
+    registered_at: SystemTime,
+    health: Arc<Health>,
+    breaker: Arc<Breaker>,
+    /// Cancelled when the instance is removed or the gateway stops: ends its
+    /// health checker.
+    stop: CancellationToken,
+}
+
+impl Instance {
+    pub(super) fn new(
+        id: Arc<str>,
+        service: Arc<str>,
+        url: InstanceUrl,
+        metadata: BTreeMap<String, String>,
+        breaker: Breaker,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            id,
+            service,
+            url,
+            metadata,
+            registered_at: SystemTime::now(),
+            health: Arc::default(),
+            breaker: Arc::new(breaker),
+            stop,
+        }
+    }
+
+    /// The same instance with new metadata: live state and checker carry over.
+    pub(super) fn with_metadata(&self, metadata: BTreeMap<String, String>) -> Self {
+        Self {
+            id: self.id.clone(),
+            service: self.service.clone(),
+            url: self.url.clone(),
+            metadata,
+            registered_at: self.registered_at,
+            health: self.health.clone(),
+            breaker: self.breaker.clone(),
+            stop: self.stop.clone(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    pub fn url(&self) -> &InstanceUrl {
+        &self.url
+    }
+
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn registered_at(&self) -> SystemTime {
+        self.registered_at
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    pub fn status(&self) -> HealthStatus {
+        self.health.status()
+    }
+
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
+    }
+
+    pub(super) fn stop_token(&self) -> &CancellationToken {
+        &self.stop
+    }
+}

@@ -1,0 +1,28 @@
+//! Which handler serves a request: `/services*` → the registry API,
+//! `/call/<service>/*` → the proxy, `/healthz` → liveness, else 404.
+
+use std::net::SocketAddr;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::api;
+use crate::body::Body;
+use crate::gateway::Gateway;
+
+pub async fn route(
+    gateway: &Gateway,
+    request: Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<Body> {
+    let _ = remote;
+    let path = request.uri().path();
+    let result = if path == "/services" || path.starts_with("/services/") {
+        api::handle(gateway.registry(), request).await
+    } else if path == "/healthz" {
+        api::healthz(request.method())
+    } else {
+        Err(api::not_found(path))
+    };
+    result.unwrap_or_else(|e| e.into_response())
+}

@@ -1,0 +1,122 @@
+//! The accept loop: connection limit, HTTP/1 and HTTP/2 with timeouts that
+//! really fire, and graceful shutdown (SPEC §1).
+//!
+//! `run` takes a bound listener, so tests bind `127.0.0.1:0` and read the
+//! port back; `main` binds the configured address.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::Body;
+use crate::gateway::Gateway;
+use crate::router;
+
+/// Serves `listener` until `shutdown` resolves, then stops accepting, lets
+/// in-flight requests finish for up to `shutdown_grace`, stops the health
+/// checkers and returns.
+pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
+    let config = gateway.config();
+    let limits = &config.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // Without a timer hyper silently skips the header read timeout.
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes as usize)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes);
+
+    let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let graceful = GracefulShutdown::new();
+    // Cancelled when the grace period is over: ends connections still open.
+    let hard_stop = CancellationToken::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+
+    loop {
+        // Past `max_connections`, new connections wait in the kernel's backlog.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit,
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = permit else { break };
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning on accept.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = Connection {
+            gateway: gateway.clone(),
+            remote,
+        };
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        let hard_stop = hard_stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Some(Err(e)) = hard_stop.run_until_cancelled(connection).await {
+                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    let grace = config.gateway.shutdown_grace;
+    tracing::info!(grace = %crate::config::fmt_duration(grace), "shutting down: finishing in-flight requests");
+    gateway.stop_background();
+    // hyper's graceful shutdown can wait forever on idle keep-alive and h2
+    // connections (hyper#1885), so it is always bounded by the grace period.
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over: closing the connections still open");
+    }
+    hard_stop.cancel();
+    tracing::info!("stopped");
+}
+
+/// One client connection's view of the gateway: hyper calls it per request.
+#[derive(Clone)]
+struct Connection {
+    gateway: Arc<Gateway>,
+    remote: SocketAddr,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Connection {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let gateway = self.gateway.clone();
+        let remote = self.remote;
+        Box::pin(async move { Ok(router::route(&gateway, request, remote).await) })
+    }
+}

@@ -1,0 +1,28 @@
+//! The one pooled HTTP client every upstream call goes through: proxied
+//! requests and health checks alike.
+
+use std::time::Duration;
+
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::Body;
+use crate::config::ProxyConfig;
+
+pub type UpstreamClient = Client<HttpConnector, Body>;
+
+/// Builds the shared client: keep-alive pool with an idle timeout, a connect
+/// timeout and `TCP_NODELAY` (hyper's connector sets neither by default, and
+/// without a timer the pool's idle timeout is silently ignored).
+pub fn client(config: &ProxyConfig) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .build(connector)
+}
