@@ -1,0 +1,271 @@
+//! Active health checks end to end (SPEC §5): real upstreams whose /health
+//! answer the tests switch, and the gateway's view of them through the API.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{TestGateway, Upstream, eventually, response};
+use http::StatusCode;
+use tokio::sync::mpsc;
+
+/// An upstream whose `/health` status the test sets, counting its checks.
+struct Checked {
+    upstream: Upstream,
+    status: Arc<AtomicU16>,
+    checks: Arc<AtomicUsize>,
+    paths: mpsc::UnboundedReceiver<String>,
+}
+
+async fn checked(status: u16) -> Checked {
+    let code = Arc::new(AtomicU16::new(status));
+    let checks = Arc::new(AtomicUsize::new(0));
+    let (tx, paths) = mpsc::unbounded_channel();
+    let (c, n) = (code.clone(), checks.clone());
+    let upstream = Upstream::start(move |request| {
+        let (c, n, tx) = (c.clone(), n.clone(), tx.clone());
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+            let _ = tx.send(request.uri().path().to_string());
+            response(c.load(Ordering::SeqCst), "health")
+        }
+    })
+    .await;
+    Checked {
+        upstream,
+        status: code,
+        checks,
+        paths,
+    }
+}
+
+async fn instance_status(gw: &TestGateway, service: &str) -> String {
+    let service = gw.get(&format!("/services/{service}")).await.json();
+    service["instances"][0]["status"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn an_instance_goes_unhealthy_and_comes_back() {
+    // Periodic checks off: each `refresh=true` is exactly one check.
+    let gw = TestGateway::start(
+        "[health_check]\ninterval = \"0s\"\nunhealthy_threshold = 2\nhealthy_threshold = 2\n",
+    )
+    .await;
+    let up = checked(200).await;
+    gw.register("svc", &up.upstream.url()).await;
+
+    let reply = gw.get("/services/svc/health?refresh=true").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let json = reply.json();
+    // One pass of two needed: still unknown, but routable.
+    assert_eq!(json["instances"][0]["status"], "unknown");
+    assert!(json["instances"][0]["last_ping"].is_string());
+    let reply = gw.get("/services/svc/health?refresh=true").await.json();
+    assert_eq!(reply["status"], "healthy");
+    assert_eq!(reply["instances"][0]["status"], "healthy");
+    let first_ping = reply["instances"][0]["last_ping"].clone();
+
+    up.status.store(500, Ordering::SeqCst);
+    let reply = gw.get("/services/svc/health?refresh=true").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "one failure of two: still healthy"
+    );
+    let reply = gw.get("/services/svc/health?refresh=true").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    let json = reply.json();
+    assert_eq!(json["status"], "unhealthy");
+    assert_eq!(json["instances"][0]["status"], "unhealthy");
+    assert_eq!(
+        json["instances"][0]["last_ping"], first_ping,
+        "last_ping is the last pass"
+    );
+    // Without refresh the endpoint reports the same, without checking.
+    let before = up.checks.load(Ordering::SeqCst);
+    assert_eq!(
+        gw.get("/services/svc/health").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(up.checks.load(Ordering::SeqCst), before);
+
+    up.status.store(204, Ordering::SeqCst);
+    gw.get("/services/svc/health?refresh=true").await;
+    assert_eq!(instance_status(&gw, "svc").await, "unhealthy");
+    let reply = gw.get("/services/svc/health?refresh=true").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["instances"][0]["status"], "healthy");
+}
+
+#[tokio::test]
+async fn a_service_is_healthy_while_any_instance_is() {
+    let gw =
+        TestGateway::start("[health_check]\ninterval = \"0s\"\nunhealthy_threshold = 1\n").await;
+    let good = checked(200).await;
+    let bad = checked(503).await;
+    gw.register("svc", &good.upstream.url()).await;
+    gw.register("svc", &bad.upstream.url()).await;
+    let reply = gw.get("/services/svc/health?refresh=true").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let json = reply.json();
+    assert_eq!(json["status"], "healthy");
+    assert_eq!(json["instances"][0]["status"], "healthy");
+    assert_eq!(json["instances"][1]["status"], "unhealthy");
+    good.status.store(500, Ordering::SeqCst);
+    let reply = gw.get("/services/svc/health?refresh=true").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.json()["status"], "unhealthy");
+}
+
+#[tokio::test]
+async fn first_check_runs_at_registration_on_the_configured_path_under_the_base_path() {
+    // An hour between checks: the one seen must be the registration's own.
+    let gw = TestGateway::start("[health_check]\ninterval = \"1h\"\npath = \"/ready\"\n").await;
+    let mut up = checked(200).await;
+    gw.register("svc", &format!("{}/api/v1/", up.upstream.url()))
+        .await;
+    let path = tokio::time::timeout(Duration::from_secs(10), up.paths.recv())
+        .await
+        .expect("a check arrives without waiting for the interval")
+        .unwrap();
+    assert_eq!(path, "/api/v1/ready");
+    eventually(Duration::from_secs(10), "instance healthy", || async {
+        instance_status(&gw, "svc").await == "healthy"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn periodic_checks_flip_status_both_ways() {
+    let gw = TestGateway::start(
+        "[health_check]\ninterval = \"100ms\"\ntimeout = \"1s\"\nunhealthy_threshold = 2\n",
+    )
+    .await;
+    let up = checked(200).await;
+    gw.register("svc", &up.upstream.url()).await;
+    eventually(Duration::from_secs(10), "healthy", || async {
+        instance_status(&gw, "svc").await == "healthy"
+    })
+    .await;
+    up.status.store(500, Ordering::SeqCst);
+    eventually(Duration::from_secs(10), "unhealthy", || async {
+        gw.get("/services/svc/health").await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    up.status.store(200, Ordering::SeqCst);
+    eventually(Duration::from_secs(10), "healthy again", || async {
+        gw.get("/services/svc/health").await.status == StatusCode::OK
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hanging_health_endpoint_fails_by_timeout() {
+    let gw = TestGateway::start(
+        "[health_check]\ninterval = \"0s\"\ntimeout = \"200ms\"\nunhealthy_threshold = 1\n",
+    )
+    .await;
+    let hang = Upstream::start(|_| async {
+        std::future::pending::<()>().await;
+        response(200, "")
+    })
+    .await;
+    gw.register("svc", &hang.url()).await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        gw.get("/services/svc/health?refresh=true"),
+    )
+    .await
+    .expect("the check is bounded by its timeout");
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.json()["instances"][0]["status"], "unhealthy");
+}
+
+#[tokio::test]
+async fn an_unreachable_instance_fails_its_checks() {
+    let gw =
+        TestGateway::start("[health_check]\ninterval = \"0s\"\nunhealthy_threshold = 1\n").await;
+    let up = checked(200).await;
+    let url = up.upstream.url();
+    drop(up);
+    gw.register("svc", &url).await;
+    let reply = gw.get("/services/svc/health?refresh=true").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn removing_an_instance_stops_its_checker() {
+    let gw = TestGateway::start("[health_check]\ninterval = \"100ms\"\n").await;
+    let removed = checked(200).await;
+    let kept = checked(200).await;
+    gw.register("a", &removed.upstream.url()).await;
+    eventually(Duration::from_secs(10), "first check of a", || async {
+        removed.checks.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    assert_eq!(
+        gw.delete("/services/a").await.status,
+        StatusCode::NO_CONTENT
+    );
+    let after_removal = removed.checks.load(Ordering::SeqCst);
+    // Same interval: by the time `kept` has been checked four times, `a`
+    // would have been checked at least twice more had its checker lived on.
+    gw.register("b", &kept.upstream.url()).await;
+    eventually(Duration::from_secs(10), "four checks of b", || async {
+        kept.checks.load(Ordering::SeqCst) >= 4
+    })
+    .await;
+    assert_eq!(removed.checks.load(Ordering::SeqCst), after_removal);
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests_and_stops_checkers() {
+    let gw = TestGateway::start("[health_check]\ninterval = \"0s\"\ntimeout = \"10s\"\n").await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let r = release.clone();
+    let slow = Upstream::start(move |_| {
+        let (r, entered_tx) = (r.clone(), entered_tx.clone());
+        async move {
+            let _ = entered_tx.send(());
+            r.notified().await;
+            response(200, "")
+        }
+    })
+    .await;
+    gw.register("svc", &slow.url()).await;
+
+    // A request in flight: the refresh waits on the slow health endpoint.
+    let client = gw.client.clone();
+    let url = gw.url("/services/svc/health?refresh=true");
+    let in_flight = tokio::spawn(async move {
+        common::send(
+            &client,
+            http::Request::get(url).body(Default::default()).unwrap(),
+        )
+        .await
+    });
+    entered.recv().await.unwrap();
+
+    let mut gw = gw;
+    gw.signal_shutdown();
+    let server = gw.take_task();
+    // The server waits for the in-flight request...
+    tokio::task::yield_now().await;
+    assert!(!server.is_finished());
+    // ... which completes normally once the upstream answers.
+    release.notify_one();
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stops once in-flight requests are done")
+        .unwrap();
+    // New connections are refused.
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
+}
