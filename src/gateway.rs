@@ -1,4 +1,4 @@
-//! The gateway's shared state: configuration, registry, upstream client, and
+//! The gateway's shared state: configuration, registry, proxy, and
 //! the token that stops its background tasks.
 
 use std::sync::Arc;
@@ -7,13 +7,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::proxy::Proxy;
 use crate::registry::{HealthChecker, Registry};
-use crate::upstream::{self, UpstreamClient};
+use crate::upstream;
 
 pub struct Gateway {
     config: Arc<Config>,
     registry: Registry,
-    client: UpstreamClient,
+    proxy: Proxy,
     background: CancellationToken,
 }
 
@@ -22,15 +23,26 @@ impl Gateway {
     /// first health checks start at once, so this needs a Tokio runtime.
     /// `config` must have been validated.
     pub fn new(config: Config) -> Result<Arc<Self>, GatewayError> {
+        Self::build(config, None)
+    }
+
+    /// As [`Gateway::new`], with the proxy's random picks drawn from a
+    /// generator seeded with `seed`, so a test can repeat them.
+    pub fn with_seed(config: Config, seed: u64) -> Result<Arc<Self>, GatewayError> {
+        Self::build(config, Some(seed))
+    }
+
+    fn build(config: Config, seed: Option<u64>) -> Result<Arc<Self>, GatewayError> {
         let config = Arc::new(config);
         let client = upstream::client(&config.proxy);
         let background = CancellationToken::new();
         let checker = HealthChecker::new(client.clone(), background.clone());
         let registry = Registry::new(config.clone(), checker);
+        let proxy = Proxy::new(&config, client, seed);
         let gateway = Arc::new(Self {
             config,
             registry,
-            client,
+            proxy,
             background,
         });
         if let Err(e) = gateway.registry.register_static() {
@@ -48,8 +60,8 @@ impl Gateway {
         &self.registry
     }
 
-    pub fn client(&self) -> &UpstreamClient {
-        &self.client
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxy
     }
 
     /// Stops every health checker; the server calls it on shutdown.

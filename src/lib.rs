@@ -20,12 +20,15 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod proxy;
 pub mod registry;
+pub mod retry;
 pub mod router;
 pub mod server;
 pub mod upstream;

@@ -9,15 +9,20 @@ use hyper::body::Incoming;
 use crate::api;
 use crate::body::Body;
 use crate::gateway::Gateway;
+use crate::proxy;
 
 pub async fn route(
     gateway: &Gateway,
     request: Request<Incoming>,
     remote: SocketAddr,
 ) -> Response<Body> {
-    let _ = remote;
     let path = request.uri().path();
-    let result = if path == "/services" || path.starts_with("/services/") {
+    let result = if path.starts_with(proxy::path::PREFIX) {
+        return gateway
+            .proxy()
+            .forward(gateway.registry(), request, remote)
+            .await;
+    } else if path == "/services" || path.starts_with("/services/") {
         api::handle(gateway.registry(), request).await
     } else if path == "/healthz" {
         api::healthz(request.method())

@@ -26,3 +26,36 @@ pub fn client(config: &ProxyConfig) -> UpstreamClient {
         .pool_idle_timeout(config.pool_idle_timeout)
         .build(connector)
 }
+
+/// The shared client as a tower service: the innermost layer of every
+/// instance's stack. Cloning it is one reference count.
+#[derive(Clone)]
+pub struct Upstream {
+    client: std::sync::Arc<UpstreamClient>,
+}
+
+impl Upstream {
+    pub fn new(client: UpstreamClient) -> Self {
+        Self {
+            client: std::sync::Arc::new(client),
+        }
+    }
+}
+
+impl tower::Service<http::Request<Body>> for Upstream {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = hyper_util::client::legacy::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // The pool opens connections on demand: always ready.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        self.client.request(request)
+    }
+}

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 
 use super::health::{Health, HealthStatus};
@@ -14,6 +15,8 @@ use crate::breaker::Breaker;
 #[derive(Debug)]
 pub struct Instance {
     id: Arc<str>,
+    /// `id` as the value of `x-switchyard-upstream`, made once.
+    id_header: HeaderValue,
     service: Arc<str>,
     url: InstanceUrl,
     metadata: BTreeMap<String, String>,
@@ -35,6 +38,8 @@ impl Instance {
         stop: CancellationToken,
     ) -> Self {
         Self {
+            // Ids are validated to header-safe characters at registration.
+            id_header: HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("-")),
             id,
             service,
             url,
@@ -50,6 +55,7 @@ impl Instance {
     pub(super) fn with_metadata(&self, metadata: BTreeMap<String, String>) -> Self {
         Self {
             id: self.id.clone(),
+            id_header: self.id_header.clone(),
             service: self.service.clone(),
             url: self.url.clone(),
             metadata,
@@ -62,6 +68,10 @@ impl Instance {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    pub fn id_header(&self) -> &HeaderValue {
+        &self.id_header
     }
 
     pub fn service(&self) -> &str {

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use crate::breaker::Breaker;
 use crate::config::{Config, ServicePolicy};
 use crate::error::{ErrorCode, GatewayError};
+use crate::retry::RetryBudget;
 pub use checker::{HealthChecker, MAX_CONCURRENT_CHECKS};
 pub use health::{Flip, Health, HealthStatus, HealthTracker};
 pub use instance::Instance;
@@ -33,6 +34,8 @@ use validate::InstanceUrl;
 pub struct ServiceEntry {
     name: Arc<str>,
     policy: Arc<ServicePolicy>,
+    /// Shared by every snapshot of the service, like the policy.
+    budget: Arc<RetryBudget>,
     instances: Vec<Arc<Instance>>,
 }
 
@@ -43,6 +46,12 @@ impl ServiceEntry {
 
     pub fn policy(&self) -> &ServicePolicy {
         &self.policy
+    }
+
+    /// The service's retry budget: every proxied request deposits, every
+    /// retry withdraws.
+    pub fn budget(&self) -> &RetryBudget {
+        &self.budget
     }
 
     /// In registration order.
@@ -67,6 +76,7 @@ impl ServiceEntry {
         Self {
             name: self.name.clone(),
             policy: self.policy.clone(),
+            budget: self.budget.clone(),
             instances,
         }
     }
@@ -157,7 +167,7 @@ impl Registry {
         validate::service_name(&name).map_err(|m| GatewayError::new(ErrorCode::InvalidName, m))?;
         let url =
             InstanceUrl::parse(&url).map_err(|m| GatewayError::new(ErrorCode::InvalidUrl, m))?;
-        let id = id.unwrap_or_else(|| url.authority().to_string());
+        let id = id.unwrap_or_else(|| url.host_port().to_string());
         validate::instance_id(&id).map_err(|m| GatewayError::new(ErrorCode::InvalidName, m))?;
 
         let _writer = self.lock_writer();
@@ -199,8 +209,12 @@ impl Registry {
         self.check_limits(&name, current.as_deref())?;
         let service = current.unwrap_or_else(|| {
             let name: Arc<str> = name.as_str().into();
+            let policy = self.config.policy_for(&name);
+            let budget =
+                RetryBudget::new(policy.retry.budget_ratio, policy.retry.budget_min_per_sec);
             Arc::new(ServiceEntry {
-                policy: Arc::new(self.config.policy_for(&name)),
+                policy: Arc::new(policy),
+                budget: Arc::new(budget),
                 name,
                 instances: Vec::new(),
             })

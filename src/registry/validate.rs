@@ -1,8 +1,8 @@
 //! What the registry accepts as a service name, an instance id and an
 //! instance URL (SPEC §3). Each check returns a sentence for the client.
 
-use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Uri};
 
 /// Names: 1–63 characters of `a-z`, `0-9`, `-`, `_`, `.`, starting with a
 /// letter or digit, so that a name is always one clean path segment.
@@ -50,8 +50,12 @@ pub fn instance_id(id: &str) -> Result<(), String> {
 pub struct InstanceUrl {
     /// As registered, shown in the API.
     original: String,
-    /// `host:port` with the port always present, used as the upstream authority.
+    /// `host[:port]` as registered (host lower-cased): the upstream `Host`.
     authority: Authority,
+    /// `host:port` with the port always written: the default instance id.
+    host_port: String,
+    /// `authority` as a header value, made once for every forwarded request.
+    host_header: HeaderValue,
     /// The base path without a trailing slash (`""` for the root).
     base_path: String,
 }
@@ -105,7 +109,9 @@ impl InstanceUrl {
             None => 80,
         };
         let host = host.to_ascii_lowercase();
-        let Ok(authority) = format!("{host}:{port}").parse::<Authority>() else {
+        let host_port = format!("{host}:{port}");
+        let written = if has_port { host_port.clone() } else { host };
+        let Ok(authority) = written.parse::<Authority>() else {
             return fail("has an invalid host");
         };
         let base_path = uri.path().trim_end_matches('/').to_string();
@@ -115,9 +121,14 @@ impl InstanceUrl {
         {
             return fail("has a '.' or '..' path segment");
         }
+        let Ok(host_header) = HeaderValue::from_str(authority.as_str()) else {
+            return fail("has an invalid host");
+        };
         Ok(Self {
             original: url.to_string(),
             authority,
+            host_port,
+            host_header,
             base_path,
         })
     }
@@ -126,9 +137,19 @@ impl InstanceUrl {
         &self.original
     }
 
-    /// `host:port`, the default instance id and the upstream `Host`.
+    /// `host[:port]` as registered: the upstream `Host` header.
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// The `Host` header forwarded requests carry.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.host_header
+    }
+
+    /// `host:port`, port always written: the default instance id.
+    pub fn host_port(&self) -> &str {
+        &self.host_port
     }
 
     pub fn base_path(&self) -> &str {
@@ -247,9 +268,11 @@ mod tests {
     fn urls_accepted_and_taken_apart() {
         let u = InstanceUrl::parse("http://localhost:8081").unwrap();
         assert_eq!(u.authority().as_str(), "localhost:8081");
+        assert_eq!(u.host_port(), "localhost:8081");
         assert_eq!(u.base_path(), "");
         let u = InstanceUrl::parse("http://Example.COM/api/v1/").unwrap();
-        assert_eq!(u.authority().as_str(), "example.com:80");
+        assert_eq!(u.authority().as_str(), "example.com");
+        assert_eq!(u.host_port(), "example.com:80");
         assert_eq!(u.base_path(), "/api/v1");
         assert_eq!(u.as_str(), "http://Example.COM/api/v1/");
         let u = InstanceUrl::parse("http://[::1]:9000/x").unwrap();
@@ -288,6 +311,8 @@ mod tests {
     fn join_keeps_rest_and_query_byte_for_byte() {
         let root = InstanceUrl::parse("http://h:1").unwrap();
         assert_eq!(root.join("", None).unwrap().to_string(), "http://h:1/");
+        let no_port = InstanceUrl::parse("http://h").unwrap();
+        assert_eq!(no_port.join("/x", None).unwrap().to_string(), "http://h/x");
         assert_eq!(
             root.join("/a%20b/c", Some("x=%2F&y")).unwrap().to_string(),
             "http://h:1/a%20b/c?x=%2F&y"

@@ -79,10 +79,23 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts the gateway with `toml` (validated as the binary would).
     pub async fn start(toml: &str) -> Self {
+        Self::start_with(toml, None).await
+    }
+
+    /// Starts the gateway with its random picks seeded, so they repeat.
+    pub async fn start_seeded(toml: &str, seed: u64) -> Self {
+        Self::start_with(toml, Some(seed)).await
+    }
+
+    async fn start_with(toml: &str, seed: Option<u64>) -> Self {
         let config = Config::from_toml(toml).expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let gateway = Gateway::new(config).expect("gateway starts");
+        let gateway = match seed {
+            Some(seed) => Gateway::with_seed(config, seed),
+            None => Gateway::new(config),
+        }
+        .expect("gateway starts");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, gateway.clone(), async {
             let _ = stopped.await;
@@ -299,4 +312,135 @@ impl http_body::Body for Chunks {
         self.left -= 1;
         std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.chunk.clone()))))
     }
+}
+
+/// An upstream that answers every request with the status the test sets
+/// (200 to start) and a JSON echo of what it received, counting requests.
+pub struct Echo {
+    pub upstream: Upstream,
+    pub status: Arc<std::sync::atomic::AtomicU16>,
+    pub hits: Arc<std::sync::atomic::AtomicUsize>,
+    pub name: String,
+}
+
+impl Echo {
+    pub async fn start(name: &str) -> Self {
+        use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+        let status = Arc::new(AtomicU16::new(200));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (s, h, n) = (status.clone(), hits.clone(), name.to_string());
+        let upstream = Upstream::start(move |request: Request<Incoming>| {
+            let (s, h, n) = (s.clone(), h.clone(), n.clone());
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                let (parts, body) = request.into_parts();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let mut headers = serde_json::Map::new();
+                for name in parts.headers.keys() {
+                    let values: Vec<_> = parts
+                        .headers
+                        .get_all(name)
+                        .iter()
+                        .map(|v| serde_json::Value::from(v.to_str().unwrap_or("<binary>")))
+                        .collect();
+                    headers.insert(name.as_str().to_string(), values.into());
+                }
+                let echo = serde_json::json!({
+                    "name": n,
+                    "method": parts.method.as_str(),
+                    "uri": parts.uri.to_string(),
+                    "version": format!("{:?}", parts.version),
+                    "headers": headers,
+                    "body_len": body.len(),
+                    "body_sum": body.iter().map(|&b| u64::from(b)).sum::<u64>(),
+                });
+                let mut response = response(s.load(Ordering::SeqCst), echo.to_string());
+                response
+                    .headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                response
+            }
+        })
+        .await;
+        Self {
+            upstream,
+            status,
+            hits,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.upstream.url()
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.status
+            .store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A TCP upstream that accepts connections and reads requests but never
+/// answers: a hung instance. Counts connections.
+pub struct Hang {
+    pub addr: SocketAddr,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hang {
+    pub async fn start() -> Self {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = connections.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            connections,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Hang {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An address nothing listens on (bound once, then released).
+pub async fn dead_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}")
 }

@@ -1,0 +1,407 @@
+//! The proxy path: `ANY /call/<service>[/<rest>][?query]` (SPEC §5).
+//!
+//! One request goes through, in order:
+//!
+//! 1. [`path`]: the target is taken apart and refused if it could climb out
+//!    of the instance's base path.
+//! 2. The service's retry budget gets the request's deposit; the headers are
+//!    rewritten once ([`headers`]); the body is read into the replay buffer
+//!    if it is small enough ([`crate::retry::replay`]).
+//! 3. The retry loop: pick a routable instance not tried yet
+//!    ([`crate::balance`]), call it through its stack
+//!    `CircuitBreaker<AttemptTimeout<Upstream>>`, and on failure ask
+//!    [`crate::retry::decide`] whether to try again after a full-jitter
+//!    backoff. A circuit that refuses at the last moment costs no attempt.
+//! 4. The response streams back with its hop-by-hop headers removed and
+//!    `x-switchyard-upstream` added; or, when nothing answered, the gateway's
+//!    error ([`rescue`]).
+
+mod deadline;
+pub mod headers;
+pub mod path;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{HeaderValue, Request, Response, Version, header};
+use hyper::body::Incoming;
+use rand::Rng;
+use rand::rngs::SmallRng;
+use tokio::time::Instant;
+
+use crate::balance;
+use crate::body::{self, Body, BoxError};
+use crate::breaker::{CircuitBreaker, CircuitOpen, CircuitState};
+use crate::config::Config;
+use crate::error::{ErrorCode, GatewayError};
+use crate::registry::{HealthStatus, Instance, Registry, ServiceEntry};
+use crate::retry::replay::{ReadError, RequestBody};
+use crate::retry::{self, Failure, RequestTraits};
+use crate::upstream::{Upstream, UpstreamClient};
+pub use deadline::{AttemptTimeout, Deadline, TimedOut};
+use path::CallTarget;
+
+/// Where the proxy's randomness comes from: the thread's generator in
+/// production, a seeded one when a test needs the picks repeatable.
+enum RngSource {
+    Thread,
+    Seeded(Mutex<SmallRng>),
+}
+
+impl RngSource {
+    fn with<T>(&self, f: impl FnOnce(&mut dyn Rng) -> T) -> T {
+        match self {
+            Self::Thread => f(&mut rand::rng()),
+            Self::Seeded(rng) => f(&mut *rng.lock().unwrap_or_else(|p| p.into_inner())),
+        }
+    }
+}
+
+pub struct Proxy {
+    upstream: Upstream,
+    request_timeout: Duration,
+    body_idle_timeout: Duration,
+    rng: RngSource,
+}
+
+/// How one attempt ended, when it did not end with a response.
+enum AttemptError {
+    /// The circuit refused at call time: nothing was sent, no attempt spent.
+    Refused,
+    Failed(Failure),
+}
+
+impl Proxy {
+    pub fn new(config: &Config, client: UpstreamClient, seed: Option<u64>) -> Self {
+        use rand::SeedableRng;
+        Self {
+            upstream: Upstream::new(client),
+            request_timeout: config.proxy.request_timeout,
+            body_idle_timeout: config.limits.body_idle_timeout,
+            rng: match seed {
+                Some(seed) => RngSource::Seeded(Mutex::new(SmallRng::seed_from_u64(seed))),
+                None => RngSource::Thread,
+            },
+        }
+    }
+
+    /// Forwards one `/call/...` request; every failure becomes the gateway's
+    /// JSON error.
+    pub async fn forward(
+        &self,
+        registry: &Registry,
+        request: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Response<Body> {
+        self.try_forward(registry, request, remote)
+            .await
+            .unwrap_or_else(GatewayError::into_response)
+    }
+
+    async fn try_forward(
+        &self,
+        registry: &Registry,
+        request: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Result<Response<Body>, GatewayError> {
+        // A `Uri` clone shares its bytes; the target borrows from it.
+        let uri = request.uri().clone();
+        let target = CallTarget::parse(&uri)?;
+        let service = registry
+            .get(target.service)
+            .ok_or_else(|| no_instance(target.service))?;
+        service.budget().deposit();
+        let policy = &service.policy().retry;
+
+        let (mut parts, body) = request.into_parts();
+        let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            uri.authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let declared = content_length(&parts);
+        self.rng.with(|rng| {
+            headers::prepare_request(&mut parts.headers, remote.ip(), client_host, rng)
+        });
+        let body = RequestBody::read(
+            body::boxed(body),
+            declared,
+            policy.max_replay_body_bytes,
+            self.body_idle_timeout,
+        )
+        .await
+        .map_err(body_error)?;
+
+        let deadline = Instant::now() + self.request_timeout;
+        let per_try = policy.effective_per_try_timeout(self.request_timeout);
+        let mut tried: Vec<Arc<Instance>> = Vec::new();
+        let mut refused: Vec<Arc<Instance>> = Vec::new();
+        let mut attempts = 0u32;
+        let mut last_response: Option<(Response<Incoming>, Arc<Instance>)> = None;
+        let mut last_failure = Failure::Connect;
+
+        loop {
+            let now = Instant::now();
+            let Some(instance) = self.choose(&service, now, &tried, &refused) else {
+                if attempts == 0 {
+                    return Err(unavailable(&service, now));
+                }
+                break;
+            };
+            let Some((attempt_body, upload)) = body.for_attempt() else {
+                break;
+            };
+            let attempt_deadline = match upload {
+                None => Deadline::At((now + per_try).min(deadline)),
+                Some(upload) => Deadline::AfterUpload {
+                    timeout: self.request_timeout,
+                    upload,
+                },
+            };
+            let request = attempt_request(&parts, &instance, &target, attempt_body)?;
+            let stack = CircuitBreaker::new(
+                AttemptTimeout::new(self.upstream.clone(), attempt_deadline),
+                instance.breaker().clone(),
+            );
+            let failure = match call(stack, request).await {
+                Ok(response) => {
+                    attempts += 1;
+                    let status = response.status().as_u16();
+                    let failure = if policy.retry_on_status.contains(&status) {
+                        Failure::Status(status)
+                    } else if response.status().is_server_error()
+                        && instance.breaker().snapshot().0 == CircuitState::Open
+                    {
+                        Failure::Tripped(status)
+                    } else {
+                        return Ok(finish(response, &instance));
+                    };
+                    last_response = Some((response, instance.clone()));
+                    failure
+                }
+                Err(error) => match attempt_error(&error) {
+                    AttemptError::Refused => {
+                        refused.push(instance);
+                        continue;
+                    }
+                    AttemptError::Failed(failure) => {
+                        attempts += 1;
+                        tracing::debug!(
+                            service = service.name(),
+                            instance = instance.id(),
+                            attempt = attempts,
+                            error = %error,
+                            "attempt failed"
+                        );
+                        last_failure = failure;
+                        failure
+                    }
+                },
+            };
+            if Instant::now() >= deadline {
+                last_failure = Failure::Timeout;
+                break;
+            }
+            let traits = RequestTraits::new(&parts.method, &parts.headers, body.replayable());
+            if let Err(why) = retry::decide(failure, traits, attempts, policy, service.budget()) {
+                tracing::debug!(service = service.name(), ?why, "not retrying");
+                break;
+            }
+            tried.push(instance);
+            let pause = self.rng.with(|rng| retry::backoff(policy, attempts, rng));
+            if Instant::now() + pause >= deadline {
+                last_failure = Failure::Timeout;
+                break;
+            }
+            tokio::time::sleep(pause).await;
+        }
+
+        // Attempts ran out: the last upstream answer as it is, if there was one.
+        match last_response {
+            Some((response, instance)) => Ok(finish(response, &instance)),
+            None => Err(rescue(last_failure, &service, self.request_timeout)),
+        }
+    }
+
+    /// A routable instance, preferring ones not tried yet for this request;
+    /// instances whose circuit refused are never offered again.
+    fn choose(
+        &self,
+        service: &ServiceEntry,
+        now: Instant,
+        tried: &[Arc<Instance>],
+        refused: &[Arc<Instance>],
+    ) -> Option<Arc<Instance>> {
+        let among =
+            |list: &[Arc<Instance>], i: &Instance| list.iter().any(|x| std::ptr::eq(&**x, i));
+        self.rng.with(|rng| {
+            let instances = service.instances();
+            balance::pick(
+                instances,
+                now,
+                |i| among(refused, i) || among(tried, i),
+                rng,
+            )
+            .or_else(|| {
+                if tried.is_empty() {
+                    None
+                } else {
+                    balance::pick(instances, now, |i| among(refused, i), rng)
+                }
+            })
+            .cloned()
+        })
+    }
+}
+
+/// One instance's stack: its circuit around the attempt's time limit around
+/// the shared client.
+type InstanceStack = CircuitBreaker<AttemptTimeout<Upstream>>;
+
+/// Sends one attempt through `stack`. Written out with its concrete types:
+/// the generic `ServiceExt::oneshot` trips the compiler's `Send` inference
+/// over the boxed error's lifetime.
+async fn call(
+    mut stack: InstanceStack,
+    request: Request<Body>,
+) -> Result<Response<Incoming>, BoxError> {
+    std::future::poll_fn(|cx| tower::Service::poll_ready(&mut stack, cx)).await?;
+    tower::Service::call(&mut stack, request).await
+}
+
+/// The request one attempt sends: the prepared head, the instance's URI and
+/// `Host`, HTTP/1.1 (the pool speaks HTTP/1 to upstreams whatever the client
+/// spoke).
+fn attempt_request(
+    parts: &Parts,
+    instance: &Instance,
+    target: &CallTarget<'_>,
+    body: Body,
+) -> Result<Request<Body>, GatewayError> {
+    let uri = instance
+        .url()
+        .join(target.rest, target.query)
+        .map_err(|_| {
+            GatewayError::new(
+                ErrorCode::InvalidPath,
+                "the path cannot be forwarded as a URI",
+            )
+        })?;
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    let headers = request.headers_mut();
+    *headers = parts.headers.clone();
+    headers.insert(header::HOST, instance.url().host_header().clone());
+    Ok(request)
+}
+
+/// The upstream's response for the client: hop-by-hop headers removed,
+/// `x-switchyard-upstream` added, the body streamed through untouched.
+fn finish(response: Response<Incoming>, instance: &Instance) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(
+        headers::X_SWITCHYARD_UPSTREAM.clone(),
+        instance.id_header().clone(),
+    );
+    Response::from_parts(parts, body::boxed(body))
+}
+
+fn attempt_error(error: &BoxError) -> AttemptError {
+    if error.is::<CircuitOpen>() {
+        return AttemptError::Refused;
+    }
+    if error.is::<TimedOut>() {
+        return AttemptError::Failed(Failure::Timeout);
+    }
+    match error.downcast_ref::<hyper_util::client::legacy::Error>() {
+        Some(e) if e.is_connect() => AttemptError::Failed(Failure::Connect),
+        _ => AttemptError::Failed(Failure::Broken),
+    }
+}
+
+fn content_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn body_error(error: ReadError) -> GatewayError {
+    match error {
+        ReadError::Stalled => GatewayError::new(
+            ErrorCode::RequestTimeout,
+            "the request body stalled past body_idle_timeout",
+        ),
+        ReadError::Broken(e) => GatewayError::new(
+            ErrorCode::BadRequest,
+            format!("the request body could not be read: {e}"),
+        ),
+    }
+}
+
+fn no_instance(service: &str) -> GatewayError {
+    GatewayError::new(
+        ErrorCode::NoHealthyInstance,
+        format!("no instance of service {service:?} is registered"),
+    )
+}
+
+/// Why no instance could take the request: every circuit of the instances
+/// health checks allow is open (503 `circuit_open`, with `Retry-After` until
+/// the first goes half-open), or none is healthy (503 `no_healthy_instance`).
+fn unavailable(service: &ServiceEntry, now: Instant) -> GatewayError {
+    let waits: Vec<Duration> = service
+        .instances()
+        .iter()
+        .filter(|i| i.status() != HealthStatus::Unhealthy)
+        .map(|i| {
+            i.breaker()
+                .retry_after(now)
+                .unwrap_or(Duration::from_secs(1))
+        })
+        .collect();
+    match waits.iter().min() {
+        Some(wait) => {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            GatewayError::new(
+                ErrorCode::CircuitOpen,
+                format!(
+                    "every instance of service {:?} has its circuit open",
+                    service.name()
+                ),
+            )
+            .with_retry_after(secs.max(1))
+        }
+        None => GatewayError::new(
+            ErrorCode::NoHealthyInstance,
+            format!("no instance of service {:?} is healthy", service.name()),
+        ),
+    }
+}
+
+/// The gateway's answer when attempts ran out without any upstream response.
+fn rescue(failure: Failure, service: &ServiceEntry, timeout: Duration) -> GatewayError {
+    let name = service.name();
+    match failure {
+        Failure::Connect => GatewayError::new(
+            ErrorCode::UpstreamUnreachable,
+            format!("could not connect to an instance of service {name:?}"),
+        ),
+        Failure::Timeout => GatewayError::new(
+            ErrorCode::UpstreamTimeout,
+            format!(
+                "service {name:?} did not answer within the time allowed (request_timeout {})",
+                crate::config::fmt_duration(timeout)
+            ),
+        ),
+        Failure::Broken | Failure::Status(_) | Failure::Tripped(_) => GatewayError::new(
+            ErrorCode::UpstreamError,
+            format!("an instance of service {name:?} sent a broken response"),
+        ),
+    }
+}
