@@ -69,7 +69,7 @@ mod tests {
     fn instances(n: usize) -> Vec<Arc<Instance>> {
         let config = Arc::new(Config::from_toml("[health_check]\ninterval = \"0s\"").unwrap());
         let token = tokio_util::sync::CancellationToken::new();
-        let checker = HealthChecker::new(crate::upstream::client(&config.proxy), token);
+        let checker = HealthChecker::new(token);
         let registry = Registry::new(config, checker);
         for i in 0..n {
             registry

@@ -9,7 +9,6 @@ use crate::config::Config;
 use crate::error::GatewayError;
 use crate::proxy::Proxy;
 use crate::registry::{HealthChecker, Registry};
-use crate::upstream;
 
 pub struct Gateway {
     config: Arc<Config>,
@@ -34,11 +33,10 @@ impl Gateway {
 
     fn build(config: Config, seed: Option<u64>) -> Result<Arc<Self>, GatewayError> {
         let config = Arc::new(config);
-        let client = upstream::client(&config.proxy);
         let background = CancellationToken::new();
-        let checker = HealthChecker::new(client.clone(), background.clone());
+        let checker = HealthChecker::new(background.clone());
         let registry = Registry::new(config.clone(), checker);
-        let proxy = Proxy::new(&config, client, seed);
+        let proxy = Proxy::new(&config, seed);
         let gateway = Arc::new(Self {
             config,
             registry,

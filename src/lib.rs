@@ -12,7 +12,10 @@
 //! - [`api`]: the registry's REST handlers and their JSON shapes.
 //! - [`registry`]: services and instances, health state, the health checker.
 //! - [`breaker`]: the per-instance circuit breaker and its state machine.
-//! - [`upstream`]: the pooled HTTP client every upstream call uses.
+//! - [`proxy`]: `/call/<service>/...`: forwarding, headers, the retry loop.
+//! - [`balance`]: picking an instance.
+//! - [`retry`]: retry decisions, the retry budget, the replay buffer.
+//! - [`upstream`]: per-instance keep-alive connection pools.
 //! - [`error`]: the gateway's errors and the one place they become HTTP.
 //! - [`config`]: `gateway.toml`, defaults, environment overrides, validation.
 //! - [`gateway`]: the shared state handed to every connection.

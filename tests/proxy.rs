@@ -610,3 +610,50 @@ async fn per_service_overrides_apply_to_static_and_registered_instances() {
     let id = other_dead.trim_start_matches("http://");
     assert_eq!(instance(&gw, "strict", id).await["circuit"], "open");
 }
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let gw = TestGateway::start(QUIET).await;
+    let up = Echo::start("a").await;
+    let sized =
+        common::Upstream::start(|_| async { common::response(200, "exactly 17 bytes.") }).await;
+    let empty = common::Upstream::start(|_| async { common::response(204, "") }).await;
+    gw.register("echo", &up.url()).await;
+    gw.register("sized", &sized.url()).await;
+    gw.register("empty", &empty.url()).await;
+    for i in 0..50 {
+        let body = "x".repeat(i);
+        assert_eq!(
+            gw.request(Method::POST, "/call/echo/x", &body, &[])
+                .await
+                .status,
+            StatusCode::OK
+        );
+        assert_eq!(gw.get("/call/sized/x").await.body.len(), 17);
+        assert_eq!(gw.get("/call/empty/x").await.status, StatusCode::NO_CONTENT);
+    }
+    // Sequential calls: one connection each, reused for all fifty.
+    assert_eq!(up.upstream.connections(), 1);
+    assert_eq!(sized.connections(), 1);
+    assert_eq!(empty.connections(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_closing_connections_costs_no_request() {
+    let gw = TestGateway::start(QUIET).await;
+    let closing = common::Upstream::start(|_| async {
+        let mut response = common::response(200, "bye");
+        response
+            .headers_mut()
+            .insert("connection", "close".parse().unwrap());
+        response
+    })
+    .await;
+    gw.register("svc", &closing.url()).await;
+    for _ in 0..20 {
+        let reply = gw.request(Method::POST, "/call/svc/x", "data", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "bye");
+    }
+    assert_eq!(closing.connections(), 20);
+}

@@ -9,7 +9,7 @@
 //!    if it is small enough ([`crate::retry::replay`]).
 //! 3. The retry loop: pick a routable instance not tried yet
 //!    ([`crate::balance`]), call it through its stack
-//!    `CircuitBreaker<AttemptTimeout<Upstream>>`, and on failure ask
+//!    `CircuitBreaker<AttemptTimeout<PoolService>>`, and on failure ask
 //!    [`crate::retry::decide`] whether to try again after a full-jitter
 //!    backoff. A circuit that refuses at the last moment costs no attempt.
 //! 4. The response streams back with its hop-by-hop headers removed and
@@ -39,7 +39,7 @@ use crate::error::{ErrorCode, GatewayError};
 use crate::registry::{HealthStatus, Instance, Registry, ServiceEntry};
 use crate::retry::replay::{ReadError, RequestBody};
 use crate::retry::{self, Failure, RequestTraits};
-use crate::upstream::{Upstream, UpstreamClient};
+use crate::upstream::{PoolService, PooledBody, UpstreamError};
 pub use deadline::{AttemptTimeout, Deadline, TimedOut};
 use path::CallTarget;
 
@@ -60,7 +60,6 @@ impl RngSource {
 }
 
 pub struct Proxy {
-    upstream: Upstream,
     request_timeout: Duration,
     body_idle_timeout: Duration,
     rng: RngSource,
@@ -74,10 +73,9 @@ enum AttemptError {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, client: UpstreamClient, seed: Option<u64>) -> Self {
+    pub fn new(config: &Config, seed: Option<u64>) -> Self {
         use rand::SeedableRng;
         Self {
-            upstream: Upstream::new(client),
             request_timeout: config.proxy.request_timeout,
             body_idle_timeout: config.limits.body_idle_timeout,
             rng: match seed {
@@ -138,7 +136,7 @@ impl Proxy {
         let mut tried: Vec<Arc<Instance>> = Vec::new();
         let mut refused: Vec<Arc<Instance>> = Vec::new();
         let mut attempts = 0u32;
-        let mut last_response: Option<(Response<Incoming>, Arc<Instance>)> = None;
+        let mut last_response: Option<(Response<PooledBody>, Arc<Instance>)> = None;
         let mut last_failure = Failure::Connect;
 
         loop {
@@ -161,7 +159,7 @@ impl Proxy {
             };
             let request = attempt_request(&parts, &instance, &target, attempt_body)?;
             let stack = CircuitBreaker::new(
-                AttemptTimeout::new(self.upstream.clone(), attempt_deadline),
+                AttemptTimeout::new(PoolService::new(instance.pool().clone()), attempt_deadline),
                 instance.breaker().clone(),
             );
             let failure = match call(stack, request).await {
@@ -256,8 +254,8 @@ impl Proxy {
 }
 
 /// One instance's stack: its circuit around the attempt's time limit around
-/// the shared client.
-type InstanceStack = CircuitBreaker<AttemptTimeout<Upstream>>;
+/// its connection pool.
+type InstanceStack = CircuitBreaker<AttemptTimeout<PoolService>>;
 
 /// Sends one attempt through `stack`. Written out with its concrete types:
 /// the generic `ServiceExt::oneshot` trips the compiler's `Send` inference
@@ -265,7 +263,7 @@ type InstanceStack = CircuitBreaker<AttemptTimeout<Upstream>>;
 async fn call(
     mut stack: InstanceStack,
     request: Request<Body>,
-) -> Result<Response<Incoming>, BoxError> {
+) -> Result<Response<PooledBody>, BoxError> {
     std::future::poll_fn(|cx| tower::Service::poll_ready(&mut stack, cx)).await?;
     tower::Service::call(&mut stack, request).await
 }
@@ -281,7 +279,7 @@ fn attempt_request(
 ) -> Result<Request<Body>, GatewayError> {
     let uri = instance
         .url()
-        .join(target.rest, target.query)
+        .origin_form(target.rest, target.query)
         .map_err(|_| {
             GatewayError::new(
                 ErrorCode::InvalidPath,
@@ -300,7 +298,7 @@ fn attempt_request(
 
 /// The upstream's response for the client: hop-by-hop headers removed,
 /// `x-switchyard-upstream` added, the body streamed through untouched.
-fn finish(response: Response<Incoming>, instance: &Instance) -> Response<Body> {
+fn finish(response: Response<PooledBody>, instance: &Instance) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(
@@ -317,7 +315,7 @@ fn attempt_error(error: &BoxError) -> AttemptError {
     if error.is::<TimedOut>() {
         return AttemptError::Failed(Failure::Timeout);
     }
-    match error.downcast_ref::<hyper_util::client::legacy::Error>() {
+    match error.downcast_ref::<UpstreamError>() {
         Some(e) if e.is_connect() => AttemptError::Failed(Failure::Connect),
         _ => AttemptError::Failed(Failure::Broken),
     }

@@ -20,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 use super::instance::Instance;
 use crate::body;
 use crate::config::HealthCheckConfig;
-use crate::upstream::UpstreamClient;
 
 /// Checks on the wire at once, gateway-wide.
 pub const MAX_CONCURRENT_CHECKS: usize = 256;
@@ -31,16 +30,14 @@ const MAX_CHECK_BODY: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct HealthChecker {
-    client: UpstreamClient,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
 }
 
 impl HealthChecker {
     /// `shutdown` is the gateway's: cancelling it ends every checker task.
-    pub fn new(client: UpstreamClient, shutdown: CancellationToken) -> Self {
+    pub fn new(shutdown: CancellationToken) -> Self {
         Self {
-            client,
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS)),
             shutdown,
         }
@@ -72,8 +69,11 @@ impl HealthChecker {
         let passed = {
             // The semaphore is never closed, so acquiring cannot fail.
             let _permit = self.permits.acquire().await;
-            probe(&self.client, instance, config).await
+            probe(instance, config).await
         };
+        // Checks come round even when no traffic does: a good moment to
+        // close the instance's connections idle past their timeout.
+        instance.pool().prune();
         let flip = instance.health().record(
             passed,
             SystemTime::now(),
@@ -110,17 +110,17 @@ where
 
 /// One `GET`, bounded by `timeout` from connect to the end of the body;
 /// any 2xx passes.
-async fn probe(client: &UpstreamClient, instance: &Instance, config: &HealthCheckConfig) -> bool {
+async fn probe(instance: &Instance, config: &HealthCheckConfig) -> bool {
     let (path, query) = match config.path.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (config.path.as_str(), None),
     };
     let url = instance.url();
-    let Ok(uri) = url.join(path, query) else {
+    let Ok(uri) = url.origin_form(path, query) else {
         return false;
     };
     let request = Request::get(uri)
-        .header(header::HOST, url.authority().as_str())
+        .header(header::HOST, url.host_header().clone())
         .header(
             header::USER_AGENT,
             concat!("switchyard/", env!("CARGO_PKG_VERSION")),
@@ -130,7 +130,7 @@ async fn probe(client: &UpstreamClient, instance: &Instance, config: &HealthChec
         return false;
     };
     let exchange = async {
-        let Ok(response) = client.request(request).await else {
+        let Ok(response) = instance.pool().send(request).await else {
             return false;
         };
         if !response.status().is_success() {

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::health::{Health, HealthStatus};
 use super::validate::InstanceUrl;
 use crate::breaker::Breaker;
+use crate::upstream::Pool;
 
 #[derive(Debug)]
 pub struct Instance {
@@ -23,6 +24,8 @@ pub struct Instance {
     registered_at: SystemTime,
     health: Arc<Health>,
     breaker: Arc<Breaker>,
+    /// Keep-alive connections to this instance.
+    pool: Arc<Pool>,
     /// Cancelled when the instance is removed or the gateway stops: ends its
     /// health checker.
     stop: CancellationToken,
@@ -35,6 +38,7 @@ impl Instance {
         url: InstanceUrl,
         metadata: BTreeMap<String, String>,
         breaker: Breaker,
+        pool: Pool,
         stop: CancellationToken,
     ) -> Self {
         Self {
@@ -47,6 +51,7 @@ impl Instance {
             registered_at: SystemTime::now(),
             health: Arc::default(),
             breaker: Arc::new(breaker),
+            pool: Arc::new(pool),
             stop,
         }
     }
@@ -62,6 +67,7 @@ impl Instance {
             registered_at: self.registered_at,
             health: self.health.clone(),
             breaker: self.breaker.clone(),
+            pool: self.pool.clone(),
             stop: self.stop.clone(),
         }
     }
@@ -100,6 +106,10 @@ impl Instance {
 
     pub fn breaker(&self) -> &Arc<Breaker> {
         &self.breaker
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     pub(super) fn stop_token(&self) -> &CancellationToken {

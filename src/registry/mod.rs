@@ -24,6 +24,7 @@ use crate::breaker::Breaker;
 use crate::config::{Config, ServicePolicy};
 use crate::error::{ErrorCode, GatewayError};
 use crate::retry::RetryBudget;
+use crate::upstream::{Pool, PoolSettings};
 pub use checker::{HealthChecker, MAX_CONCURRENT_CHECKS};
 pub use health::{Flip, Health, HealthStatus, HealthTracker};
 pub use instance::Instance;
@@ -106,6 +107,7 @@ pub struct Registry {
     writer: Mutex<()>,
     instance_count: AtomicUsize,
     config: Arc<Config>,
+    pool_settings: Arc<PoolSettings>,
     checker: HealthChecker,
 }
 
@@ -115,6 +117,7 @@ impl Registry {
             services: papaya::HashMap::new(),
             writer: Mutex::new(()),
             instance_count: AtomicUsize::new(0),
+            pool_settings: Arc::new(PoolSettings::new(&config.proxy)),
             config,
             checker,
         }
@@ -294,12 +297,14 @@ impl Registry {
             service.name.clone(),
             id.clone(),
         );
+        let pool = Pool::new(url.host(), url.port(), self.pool_settings.clone());
         Arc::new(Instance::new(
             id,
             service.name.clone(),
             url,
             metadata,
             breaker,
+            pool,
             self.checker.stop_token(),
         ))
     }
@@ -350,8 +355,7 @@ mod tests {
     fn registry(toml: &str) -> (Registry, CancellationToken) {
         let config = Arc::new(Config::from_toml(toml).unwrap());
         let shutdown = CancellationToken::new();
-        let client = crate::upstream::client(&config.proxy);
-        let checker = HealthChecker::new(client, shutdown.clone());
+        let checker = HealthChecker::new(shutdown.clone());
         (Registry::new(config, checker), shutdown)
     }
 

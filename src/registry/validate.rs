@@ -54,6 +54,8 @@ pub struct InstanceUrl {
     authority: Authority,
     /// `host:port` with the port always written: the default instance id.
     host_port: String,
+    host: String,
+    port: u16,
     /// `authority` as a header value, made once for every forwarded request.
     host_header: HeaderValue,
     /// The base path without a trailing slash (`""` for the root).
@@ -110,7 +112,11 @@ impl InstanceUrl {
         };
         let host = host.to_ascii_lowercase();
         let host_port = format!("{host}:{port}");
-        let written = if has_port { host_port.clone() } else { host };
+        let written = if has_port {
+            host_port.clone()
+        } else {
+            host.clone()
+        };
         let Ok(authority) = written.parse::<Authority>() else {
             return fail("has an invalid host");
         };
@@ -128,6 +134,8 @@ impl InstanceUrl {
             original: url.to_string(),
             authority,
             host_port,
+            host,
+            port,
             host_header,
             base_path,
         })
@@ -147,6 +155,15 @@ impl InstanceUrl {
         &self.host_header
     }
 
+    /// The host as registered, lower-cased (IPv6 literals in brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// `host:port`, port always written: the default instance id.
     pub fn host_port(&self) -> &str {
         &self.host_port
@@ -156,9 +173,9 @@ impl InstanceUrl {
         &self.base_path
     }
 
-    /// The absolute URI for `rest` (a path starting with `/`, or empty, plus
-    /// an optional query) under this instance's base path.
-    pub fn join(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    /// The origin-form URI (`/base/rest?query`) for `rest` (a path starting
+    /// with `/`, or empty) and an optional query, as sent on the wire.
+    pub fn origin_form(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let mut path = String::with_capacity(
             self.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
         );
@@ -174,11 +191,7 @@ impl InstanceUrl {
             path.push('?');
             path.push_str(query);
         }
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(PathAndQuery::try_from(path)?)
-            .build()
+        Ok(Uri::from(PathAndQuery::try_from(path)?))
     }
 }
 
@@ -308,21 +321,22 @@ mod tests {
     }
 
     #[test]
-    fn join_keeps_rest_and_query_byte_for_byte() {
+    fn origin_form_keeps_rest_and_query_byte_for_byte() {
         let root = InstanceUrl::parse("http://h:1").unwrap();
-        assert_eq!(root.join("", None).unwrap().to_string(), "http://h:1/");
-        let no_port = InstanceUrl::parse("http://h").unwrap();
-        assert_eq!(no_port.join("/x", None).unwrap().to_string(), "http://h/x");
+        assert_eq!(root.origin_form("", None).unwrap(), "/");
         assert_eq!(
-            root.join("/a%20b/c", Some("x=%2F&y")).unwrap().to_string(),
-            "http://h:1/a%20b/c?x=%2F&y"
+            root.origin_form("/a%20b/c", Some("x=%2F&y")).unwrap(),
+            "/a%20b/c?x=%2F&y"
         );
         let based = InstanceUrl::parse("http://h:1/api/").unwrap();
-        assert_eq!(based.join("", None).unwrap().to_string(), "http://h:1/api");
+        assert_eq!(based.origin_form("", None).unwrap(), "/api");
         assert_eq!(
-            based.join("/users", Some("")).unwrap().to_string(),
-            "http://h:1/api/users?"
+            based.origin_form("/users", Some("")).unwrap(),
+            "/api/users?"
         );
+        let v6 = InstanceUrl::parse("http://[::1]:8").unwrap();
+        assert_eq!((v6.host(), v6.port()), ("[::1]", 8));
+        assert_eq!(InstanceUrl::parse("http://h").unwrap().port(), 80);
     }
 
     #[test]
