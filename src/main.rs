@@ -11,6 +11,9 @@ use switchyard::config::{Config, ConfigError, ConfigSource};
 use switchyard::{Gateway, server};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "switchyard", version, about)]
 struct Cli {
