@@ -1,26 +1,20 @@
 //! Which handler serves a request: `/services*` → the registry API,
 //! `/call/<service>/*` → the proxy, `/healthz` → liveness, else 404.
 
-use std::net::SocketAddr;
-
 use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::api;
 use crate::body::Body;
 use crate::gateway::Gateway;
-use crate::proxy;
+use crate::proxy::{self, headers::Peer};
 
-pub async fn route(
-    gateway: &Gateway,
-    request: Request<Incoming>,
-    remote: SocketAddr,
-) -> Response<Body> {
+pub async fn route(gateway: &Gateway, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
     let path = request.uri().path();
     let result = if path.starts_with(proxy::path::PREFIX) {
         return gateway
             .proxy()
-            .forward(gateway.registry(), request, remote)
+            .forward(gateway.registry(), request, peer)
             .await;
     } else if path == "/services" || path.starts_with("/services/") {
         api::handle(gateway.registry(), request).await

@@ -6,7 +6,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
 use crate::gateway::Gateway;
+use crate::proxy::headers::Peer;
 use crate::router;
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting, lets
@@ -71,7 +71,7 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
         let _ = stream.set_nodelay(true);
         let service = Connection {
             gateway: gateway.clone(),
-            remote,
+            peer: Arc::new(Peer::new(remote)),
         };
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -106,7 +106,7 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
 #[derive(Clone)]
 struct Connection {
     gateway: Arc<Gateway>,
-    remote: SocketAddr,
+    peer: Arc<Peer>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Connection {
@@ -116,7 +116,7 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let gateway = self.gateway.clone();
-        let remote = self.remote;
-        Box::pin(async move { Ok(router::route(&gateway, request, remote).await) })
+        let peer = self.peer.clone();
+        Box::pin(async move { Ok(router::route(&gateway, request, &peer).await) })
     }
 }

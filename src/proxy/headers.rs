@@ -9,7 +9,7 @@
 //! `X-Request-Id` (kept, or made up) so one call can be followed across
 //! services.
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use rand::{Rng, RngExt};
@@ -24,52 +24,97 @@ pub static X_SWITCHYARD_UPSTREAM: HeaderName = HeaderName::from_static("x-switch
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Removes the hop-by-hop headers of RFC 9110 §7.6.1.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named_in_connection: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|token| HeaderName::try_from(token.trim()).ok())
-        .collect();
-    for name in named_in_connection {
-        headers.remove(name);
+/// The client end of one connection, with its `X-Forwarded-For` entry
+/// written once for every request the connection carries.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = addr.ip().to_canonical().to_string();
+        Self {
+            addr,
+            forwarded_for: HeaderValue::try_from(ip).unwrap_or(HeaderValue::from_static("unknown")),
+        }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(name);
+}
+
+/// The fixed hop-by-hop headers, each with its bit in a found-set.
+static HOP_BY_HOP: [&HeaderName; 7] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+];
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1.
+///
+/// One pass over the names finds which are present (most messages carry
+/// none, or only `Connection: keep-alive`); only those are removed, plus
+/// any other header `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut found = 0u8;
+    for name in headers.keys() {
+        if let Some(bit) = HOP_BY_HOP.iter().position(|hop| *hop == name) {
+            found |= 1 << bit;
+        }
+    }
+    if found == 0 {
+        return;
+    }
+    if found & 1 != 0 {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            // The usual tokens name no other header.
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|token| HeaderName::try_from(token).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for (bit, name) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << bit) != 0 {
+            headers.remove(*name);
+        }
     }
 }
 
 /// Rewrites a client's request headers for forwarding, once per request
-/// (each attempt then only sets `Host`). `host` is the client's `Host` or
-/// URI authority.
+/// (each attempt then sets `Host`, replacing the client's). `host` is the
+/// client's `Host` or URI authority.
 pub fn prepare_request<R: Rng + ?Sized>(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    peer: &Peer,
     host: Option<HeaderValue>,
     rng: &mut R,
 ) {
     strip_hop_by_hop(headers);
-    // `Expect: 100-continue` was answered by this hop when the body was read.
-    headers.remove(header::EXPECT);
-    headers.remove(header::HOST);
-
-    let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
-        Some(previous) => format!("{previous}, {client}"),
-        None => client.to_string(),
-    };
-    if let Ok(value) = HeaderValue::try_from(forwarded_for) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+    if headers.contains_key(header::EXPECT) {
+        // `Expect: 100-continue` was answered by this hop when the body was read.
+        headers.remove(header::EXPECT);
     }
+    let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
+        Some(mut previous) => {
+            previous.extend_from_slice(b", ");
+            previous.extend_from_slice(peer.forwarded_for.as_bytes());
+            HeaderValue::from_bytes(&previous).unwrap_or_else(|_| peer.forwarded_for.clone())
+        }
+        None => peer.forwarded_for.clone(),
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     match host {
         Some(host) => {
@@ -85,30 +130,34 @@ pub fn prepare_request<R: Rng + ?Sized>(
 }
 
 /// Every value of `name`, joined with `, ` as one list (RFC 9110 §5.3).
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut values = headers.get_all(name).iter();
     let first = values.next()?;
-    Some(values.fold(first.to_string(), |mut all, v| {
-        all.push_str(", ");
-        all.push_str(v);
-        all
-    }))
+    let mut all = first.as_bytes().to_vec();
+    for value in values {
+        all.extend_from_slice(b", ");
+        all.extend_from_slice(value.as_bytes());
+    }
+    Some(all)
 }
 
-/// A random version 4 UUID.
+/// A random version 4 UUID, written without the formatting machinery (it
+/// runs on every request that arrives without an id).
 fn request_id<R: Rng + ?Sized>(rng: &mut R) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits: u128 = rng.random();
+    // Version 4, variant 10 (RFC 9562 §5.4).
     let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    let hex = format!("{bits:032x}");
-    let id = format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    );
-    HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    let mut id = [b'-'; 36];
+    let mut nibble = 32;
+    for (i, byte) in id.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        nibble -= 1;
+        *byte = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -159,10 +208,10 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("expect", "100-continue"),
         ]);
-        let client: IpAddr = "127.0.0.1".parse().unwrap();
+        let peer = Peer::new("127.0.0.1:5000".parse().unwrap());
         prepare_request(
             &mut h,
-            client,
+            &peer,
             Some(HeaderValue::from_static("gateway.local:8080")),
             &mut rng,
         );
@@ -170,21 +219,37 @@ mod tests {
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "gateway.local:8080");
-        assert!(!h.contains_key("host"), "set per instance");
         assert!(!h.contains_key("expect"));
         let id = h["x-request-id"].to_str().unwrap();
         assert_eq!(id.len(), 36);
+        let dashes: Vec<_> = id.match_indices('-').map(|(i, _)| i).collect();
+        assert_eq!(dashes, [8, 13, 18, 23], "{id}");
         assert_eq!(&id[14..15], "4", "version 4: {id}");
+        assert!(
+            matches!(&id[19..20], "8" | "9" | "a" | "b"),
+            "variant: {id}"
+        );
     }
 
     #[test]
     fn an_existing_request_id_is_kept_and_ipv6_clients_are_written_plainly() {
         let mut rng = SmallRng::seed_from_u64(1);
         let mut h = headers(&[("x-request-id", "abc-123")]);
-        prepare_request(&mut h, "::1".parse().unwrap(), None, &mut rng);
+        prepare_request(
+            &mut h,
+            &Peer::new("[::1]:5000".parse().unwrap()),
+            None,
+            &mut rng,
+        );
         assert_eq!(h["x-request-id"], "abc-123");
         assert_eq!(h["x-forwarded-for"], "::1");
         assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn ipv4_mapped_clients_are_written_as_ipv4() {
+        let peer = Peer::new("[::ffff:10.1.2.3]:80".parse().unwrap());
+        assert_eq!(peer.forwarded_for, "10.1.2.3");
     }
 
     #[test]

@@ -20,7 +20,6 @@ mod deadline;
 pub mod headers;
 pub mod path;
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +40,7 @@ use crate::retry::replay::{ReadError, RequestBody};
 use crate::retry::{self, Failure, RequestTraits};
 use crate::upstream::{PoolService, PooledBody, UpstreamError};
 pub use deadline::{AttemptTimeout, Deadline, TimedOut};
+use headers::Peer;
 use path::CallTarget;
 
 /// Where the proxy's randomness comes from: the thread's generator in
@@ -91,9 +91,9 @@ impl Proxy {
         &self,
         registry: &Registry,
         request: Request<Incoming>,
-        remote: SocketAddr,
+        peer: &Peer,
     ) -> Response<Body> {
-        self.try_forward(registry, request, remote)
+        self.try_forward(registry, request, peer)
             .await
             .unwrap_or_else(GatewayError::into_response)
     }
@@ -102,7 +102,7 @@ impl Proxy {
         &self,
         registry: &Registry,
         request: Request<Incoming>,
-        remote: SocketAddr,
+        peer: &Peer,
     ) -> Result<Response<Body>, GatewayError> {
         // A `Uri` clone shares its bytes; the target borrows from it.
         let uri = request.uri().clone();
@@ -119,9 +119,8 @@ impl Proxy {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         let declared = content_length(&parts);
-        self.rng.with(|rng| {
-            headers::prepare_request(&mut parts.headers, remote.ip(), client_host, rng)
-        });
+        self.rng
+            .with(|rng| headers::prepare_request(&mut parts.headers, peer, client_host, rng));
         let body = RequestBody::read(
             body::boxed(body),
             declared,

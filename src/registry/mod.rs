@@ -2,7 +2,8 @@
 //!
 //! The proxy reads the registry on every request, so reads must never wait
 //! for a writer or a health check. Services live in a lock-free concurrent
-//! map (papaya), one O(1) lookup by name; each `ServiceEntry` is an immutable
+//! map (papaya, hashed with foldhash: seeded per process, and several
+//! times faster than SipHash on short names), one O(1) lookup by name; each `ServiceEntry` is an immutable
 //! snapshot of one service, replaced whole when its instances change.
 //! Writers (registrations and removals, a few per second in practice) take
 //! one mutex so that limits and service creation/removal stay consistent;
@@ -103,7 +104,7 @@ pub enum Registered {
 }
 
 pub struct Registry {
-    services: papaya::HashMap<Arc<str>, Arc<ServiceEntry>>,
+    services: papaya::HashMap<Arc<str>, Arc<ServiceEntry>, foldhash::fast::RandomState>,
     writer: Mutex<()>,
     instance_count: AtomicUsize,
     config: Arc<Config>,
@@ -114,7 +115,7 @@ pub struct Registry {
 impl Registry {
     pub fn new(config: Arc<Config>, checker: HealthChecker) -> Self {
         Self {
-            services: papaya::HashMap::new(),
+            services: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
             writer: Mutex::new(()),
             instance_count: AtomicUsize::new(0),
             pool_settings: Arc::new(PoolSettings::new(&config.proxy)),
