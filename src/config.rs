@@ -48,6 +48,9 @@ pub struct GatewayConfig {
     /// How long in-flight requests may finish after SIGINT/SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Worker threads, each with its own event loop, listening socket and
+    /// upstream connections; 0 means one per CPU core.
+    pub workers: usize,
 }
 
 impl Default for GatewayConfig {
@@ -57,6 +60,7 @@ impl Default for GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_token: String::new(),
             shutdown_grace: Duration::from_secs(30),
+            workers: 0,
         }
     }
 }
@@ -442,6 +446,7 @@ impl Config {
             ));
         }
         at_most("gateway.shutdown_grace", g.shutdown_grace, HOUR)?;
+        in_range("gateway.workers", g.workers, 0, 1024)?;
 
         let p = &self.proxy;
         positive("proxy.request_timeout", p.request_timeout, DAY)?;
@@ -759,6 +764,7 @@ mod tests {
         assert_eq!(c.gateway.name, "registry");
         assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.gateway.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.gateway.workers, 0, "one per core");
         assert_eq!(c.proxy.request_timeout, Duration::from_secs(30));
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.proxy.pool_idle_timeout, Duration::from_secs(90));

@@ -1,14 +1,16 @@
 //! The `switchyard` binary: command line → logging → configuration → bind →
-//! `server::run`.
+//! `server::run` on each worker thread.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use switchyard::config::{Config, ConfigError, ConfigSource};
 use switchyard::{Gateway, server};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -48,17 +50,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("switchyard: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(serve(config, source))
+    serve(config, source)
 }
 
 fn load(cli: &Cli) -> Result<(Config, ConfigSource), ConfigError> {
@@ -88,16 +80,37 @@ fn init_logging() {
         .init();
 }
 
-async fn serve(config: Config, source: ConfigSource) -> ExitCode {
+/// Runs the gateway on `gateway.workers` threads, each with its own event
+/// loop and listening socket (SO_REUSEPORT): the kernel spreads connections
+/// over them, and a request never leaves the thread its connection lives on
+/// (each instance keeps one connection pool per worker). The main thread is
+/// worker 0 and also owns the signal handling.
+fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
+    if config.gateway.workers == 0 {
+        config.gateway.workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    }
+    let workers = config.gateway.workers;
+    let main = match worker_runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("switchyard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let addr = config.gateway.listen;
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => listener,
+    // Claiming first makes a port someone else listens on an error (SO_REUSEPORT
+    // alone would share it) and turns port 0 into the port every worker binds.
+    let listening = server::claim(addr).and_then(|local| {
+        let listener = main.block_on(async { server::bind(local) })?;
+        Ok((listener, local))
+    });
+    let (listener, local) = match listening {
+        Ok(listening) => listening,
         Err(e) => {
             tracing::error!(%addr, error = %e, "cannot listen (gateway.listen)");
             return ExitCode::FAILURE;
         }
     };
-    let local = listener.local_addr().unwrap_or(addr);
     if !local.ip().is_loopback() && config.gateway.admin_token.is_empty() {
         tracing::warn!(
             %local,
@@ -106,16 +119,64 @@ async fn serve(config: Config, source: ConfigSource) -> ExitCode {
         );
     }
     let name = config.gateway.name.clone();
-    let gateway = match Gateway::new(config) {
+    let gateway = match main.block_on(async { Gateway::new(config) }) {
         Ok(gateway) => gateway,
         Err(e) => {
             tracing::error!(error = %e, "cannot register the static services");
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(addr = %local, %name, config = %source, "switchyard listening");
-    server::run(listener, gateway, shutdown_signal()).await;
+    let stop = CancellationToken::new();
+    let threads: Vec<_> = (1..workers)
+        .filter_map(|index| spawn_worker(index, local, &gateway, &stop))
+        .collect();
+    tracing::info!(
+        addr = %local,
+        %name,
+        workers = threads.len() + 1,
+        config = %source,
+        "switchyard listening"
+    );
+    main.block_on(server::run(listener, gateway, async move {
+        shutdown_signal().await;
+        stop.cancel();
+    }));
+    for thread in threads {
+        let _ = thread.join();
+    }
     ExitCode::SUCCESS
+}
+
+fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Starts worker `index` on its own thread; `None` (logged) if it cannot
+/// start, and the gateway runs with the workers it has.
+fn spawn_worker(
+    index: usize,
+    addr: SocketAddr,
+    gateway: &Arc<Gateway>,
+    stop: &CancellationToken,
+) -> Option<std::thread::JoinHandle<()>> {
+    let started = worker_runtime().and_then(|runtime| {
+        let listener = runtime.block_on(async { server::bind(addr) })?;
+        Ok((runtime, listener))
+    });
+    let (runtime, listener) = started
+        .map_err(|e| tracing::warn!(worker = index, error = %e, "worker not started"))
+        .ok()?;
+    let (gateway, stop) = (gateway.clone(), stop.clone());
+    std::thread::Builder::new()
+        .name(format!("switchyard-{index}"))
+        .spawn(move || {
+            switchyard::upstream::set_worker(index);
+            runtime.block_on(server::run(listener, gateway, stop.cancelled_owned()));
+        })
+        .map_err(|e| tracing::warn!(worker = index, error = %e, "worker not started"))
+        .ok()
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -24,6 +24,29 @@ use crate::gateway::Gateway;
 use crate::proxy::headers::Peer;
 use crate::router;
 
+/// Checks that `addr` is free (no one else listens there, even with
+/// SO_REUSEPORT) and resolves port 0 to a real port, for the workers' own
+/// sockets to bind.
+pub fn claim(addr: std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> {
+    std::net::TcpListener::bind(addr)?.local_addr()
+}
+
+/// A listening socket on `addr` that other workers can share
+/// (SO_REUSEPORT), so each worker accepts its own connections and the
+/// kernel spreads them over the workers.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Serves `listener` until `shutdown` resolves, then stops accepting, lets
 /// in-flight requests finish for up to `shutdown_grace`, stops the health
 /// checkers and returns.

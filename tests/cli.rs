@@ -255,7 +255,7 @@ fn serves_with_env_overrides_and_exits_zero_on_sigterm() {
     let dir = TempDir::new("serve");
     dir.file(
         "gateway.toml",
-        "[gateway]\nlisten = \"127.0.0.1:1\"\n[[services]]\nname = \"static-svc\"\nurls = [\"http://127.0.0.1:9\"]\n",
+        "[gateway]\nlisten = \"127.0.0.1:1\"\nworkers = 3\n[[services]]\nname = \"static-svc\"\nurls = [\"http://127.0.0.1:9\"]\n",
     );
     // SERVICE_PORT=0 replaces the file's port: the OS picks a free one.
     let (running, addr) = Running::start(
@@ -312,6 +312,20 @@ impl Running {
         );
         self.child.wait().unwrap()
     }
+}
+
+#[test]
+fn a_second_gateway_on_the_same_port_is_refused() {
+    let dir = TempDir::new("twice");
+    let (running, addr) = Running::start(&dir, &[("SERVICE_PORT", "0")]);
+    let out = run(&dir, &["--listen", &addr], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "workers share a port only with each other"
+    );
+    assert!(stderr(&out).contains("cannot listen"), "{}", stderr(&out));
+    assert_eq!(running.terminate().code(), Some(0));
 }
 
 #[test]

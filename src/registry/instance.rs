@@ -24,8 +24,9 @@ pub struct Instance {
     registered_at: SystemTime,
     health: Arc<Health>,
     breaker: Arc<Breaker>,
-    /// Keep-alive connections to this instance.
-    pool: Arc<Pool>,
+    /// Keep-alive connections to this instance, one pool per worker thread
+    /// so a connection is only ever used by the thread that drives it.
+    pools: Arc<[Arc<Pool>]>,
     /// Cancelled when the instance is removed or the gateway stops: ends its
     /// health checker.
     stop: CancellationToken,
@@ -38,7 +39,7 @@ impl Instance {
         url: InstanceUrl,
         metadata: BTreeMap<String, String>,
         breaker: Breaker,
-        pool: Pool,
+        pools: Arc<[Arc<Pool>]>,
         stop: CancellationToken,
     ) -> Self {
         Self {
@@ -51,7 +52,7 @@ impl Instance {
             registered_at: SystemTime::now(),
             health: Arc::default(),
             breaker: Arc::new(breaker),
-            pool: Arc::new(pool),
+            pools,
             stop,
         }
     }
@@ -67,7 +68,7 @@ impl Instance {
             registered_at: self.registered_at,
             health: self.health.clone(),
             breaker: self.breaker.clone(),
-            pool: self.pool.clone(),
+            pools: self.pools.clone(),
             stop: self.stop.clone(),
         }
     }
@@ -108,8 +109,9 @@ impl Instance {
         &self.breaker
     }
 
+    /// The current worker's pool of connections to this instance.
     pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
+        &self.pools[crate::upstream::worker() % self.pools.len()]
     }
 
     pub(super) fn stop_token(&self) -> &CancellationToken {

@@ -118,7 +118,7 @@ impl Registry {
             services: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
             writer: Mutex::new(()),
             instance_count: AtomicUsize::new(0),
-            pool_settings: Arc::new(PoolSettings::new(&config.proxy)),
+            pool_settings: Arc::new(PoolSettings::new(&config.proxy, config.gateway.workers)),
             config,
             checker,
         }
@@ -298,14 +298,22 @@ impl Registry {
             service.name.clone(),
             id.clone(),
         );
-        let pool = Pool::new(url.host(), url.port(), self.pool_settings.clone());
+        let pools = (0..self.pool_settings.workers.max(1))
+            .map(|_| {
+                Arc::new(Pool::new(
+                    url.host(),
+                    url.port(),
+                    self.pool_settings.clone(),
+                ))
+            })
+            .collect();
         Arc::new(Instance::new(
             id,
             service.name.clone(),
             url,
             metadata,
             breaker,
-            pool,
+            pools,
             self.checker.stop_token(),
         ))
     }

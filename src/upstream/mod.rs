@@ -23,6 +23,21 @@ use http::{Request, Response};
 use crate::body::Body;
 pub use pool::{Pool, PoolSettings, PooledBody};
 
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as worker `index`: its requests use the
+/// instances' pools of that index, whose connections live on this thread.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+/// The worker index of the current thread (0 unless set).
+pub fn worker() -> usize {
+    WORKER.with(|w| w.get())
+}
+
 /// Why an upstream call failed.
 #[derive(Debug)]
 pub enum UpstreamError {

@@ -38,13 +38,16 @@ pub const MAX_IDLE: usize = 1024;
 pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Worker threads: each instance gets one pool per worker.
+    pub workers: usize,
 }
 
 impl PoolSettings {
-    pub fn new(proxy: &ProxyConfig) -> Self {
+    pub fn new(proxy: &ProxyConfig, workers: usize) -> Self {
         Self {
             connect_timeout: proxy.connect_timeout,
             idle_timeout: proxy.pool_idle_timeout,
+            workers,
         }
     }
 }
