@@ -122,7 +122,7 @@ impl Proxy {
         self.rng
             .with(|rng| headers::prepare_request(&mut parts.headers, peer, client_host, rng));
         let body = RequestBody::read(
-            body::boxed(body),
+            body,
             declared,
             policy.max_replay_body_bytes,
             self.body_idle_timeout,

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 
@@ -44,15 +44,21 @@ pub type UploadDone = watch::Receiver<bool>;
 impl RequestBody {
     /// Reads up to `max_replay` bytes; a body that ends within them is
     /// buffered, a longer one (or one declared longer) is streamed.
-    pub async fn read(
-        mut body: Body,
+    pub async fn read<B>(
+        body: B,
         declared_length: Option<u64>,
         max_replay: u64,
         idle_timeout: Duration,
-    ) -> Result<Self, ReadError> {
+    ) -> Result<Self, ReadError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        // Most requests have no body: nothing to read or box.
         if declared_length == Some(0) || body.is_end_stream() {
             return Ok(Self::Buffered(Bytes::new()));
         }
+        let mut body = body::boxed(body);
         if declared_length.is_some_and(|len| len > max_replay) {
             return Ok(Self::streamed(body));
         }

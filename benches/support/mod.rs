@@ -1,0 +1,302 @@
+//! What the load benches share: in-process upstream servers, the gateway
+//! binary started on a free port, and a closed-loop load generator that
+//! records every latency (like wrk, but with nothing to install).
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Upstream servers answering `hello` to everything, on their own thread.
+pub struct Upstreams {
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Upstreams {
+    pub fn start(count: usize) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let mut addrs = Vec::new();
+                for _ in 0..count {
+                    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                    addrs.push(listener.local_addr().expect("addr"));
+                    tokio::spawn(serve_hello(listener));
+                }
+                tx.send(addrs).expect("report addresses");
+                std::future::pending::<()>().await;
+            });
+        });
+        Self {
+            addrs: rx.recv().expect("upstreams started"),
+        }
+    }
+}
+
+async fn serve_hello(listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_request| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello\n"))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The real `switchyard` binary, release build, on a free port.
+pub struct GatewayProcess {
+    pub addr: SocketAddr,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl GatewayProcess {
+    pub fn start(config: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("gateway.toml");
+        std::fs::write(
+            &path,
+            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n{config}"),
+        )
+        .expect("config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn,switchyard=info,switchyard::registry=warn")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("gateway starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("gateway listening");
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .expect("listening address");
+        Self { addr, child, dir }
+    }
+
+    /// Resident memory now and at its peak, in KiB, from /proc.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Registers `(name, url, id)` triples over `connections` keep-alive
+/// connections at once; returns how long it took.
+pub fn register_all(
+    gateway: SocketAddr,
+    registrations: Vec<(String, String, String)>,
+    connections: usize,
+) -> Duration {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let started = Instant::now();
+        let chunk = registrations.len().div_ceil(connections);
+        let mut tasks = Vec::new();
+        for part in registrations.chunks(chunk.max(1)) {
+            let part = part.to_vec();
+            tasks.push(tokio::spawn(async move {
+                let mut sender = connect(gateway).await;
+                for (name, url, id) in part {
+                    let body = format!(r#"{{"name":"{name}","url":"{url}","id":"{id}"}}"#);
+                    let request = Request::post("/services")
+                        .header("host", "bench")
+                        .header("content-type", "application/json")
+                        .body(
+                            Full::new(Bytes::from(body))
+                                .map_err(|never| match never {})
+                                .boxed(),
+                        )
+                        .expect("request");
+                    let response = sender
+                        .send_request(request)
+                        .await
+                        .expect("registration answered");
+                    assert!(
+                        response.status().is_success(),
+                        "registration refused: {}",
+                        response.status()
+                    );
+                    let _ = response.into_body().collect().await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("registrations");
+        }
+        started.elapsed()
+    })
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<
+    http_body_util::combinators::BoxBody<Bytes, Infallible>,
+>;
+
+async fn connect(addr: SocketAddr) -> Sender {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+/// What one load run measured.
+pub struct Load {
+    pub requests: u64,
+    pub failures: u64,
+    pub elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Load {
+    pub fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn percentile(&self, p: f64) -> Duration {
+        if self.latencies_us.is_empty() {
+            return Duration::ZERO;
+        }
+        let at = ((self.latencies_us.len() as f64 - 1.0) * p / 100.0).round() as usize;
+        Duration::from_micros(u64::from(self.latencies_us[at]))
+    }
+}
+
+/// Closed-loop load: `connections` keep-alive connections each sending
+/// `GET path` back to back for `warmup + duration`; only the last
+/// `duration` is measured. One client thread, like `wrk -t1`.
+pub fn load(
+    addr: SocketAddr,
+    path: &str,
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Load {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let path = path.to_string();
+    runtime.block_on(async move {
+        let measure_from = Instant::now() + warmup;
+        let until = measure_from + duration;
+        let mut tasks = Vec::new();
+        for _ in 0..connections {
+            let path = path.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut sender = connect(addr).await;
+                let (mut requests, mut failures, mut latencies) = (0u64, 0u64, Vec::new());
+                loop {
+                    let start = Instant::now();
+                    if start >= until {
+                        break;
+                    }
+                    let request = Request::get(path.as_str())
+                        .header("host", "bench")
+                        .body(Empty::new().map_err(|never| match never {}).boxed())
+                        .expect("request");
+                    let ok = match sender.send_request(request).await {
+                        Ok(response) => {
+                            let ok = response.status().is_success();
+                            ok && response.into_body().collect().await.is_ok()
+                        }
+                        Err(_) => false,
+                    };
+                    if start >= measure_from {
+                        requests += 1;
+                        failures += u64::from(!ok);
+                        latencies
+                            .push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    }
+                    if !ok && sender.ready().await.is_err() {
+                        sender = connect(addr).await;
+                    }
+                }
+                (requests, failures, latencies)
+            }));
+        }
+        let mut total = Load {
+            requests: 0,
+            failures: 0,
+            elapsed: duration,
+            latencies_us: Vec::new(),
+        };
+        for task in tasks {
+            let (requests, failures, latencies) = task.await.expect("load task");
+            total.requests += requests;
+            total.failures += failures;
+            total.latencies_us.extend(latencies);
+        }
+        total.latencies_us.sort_unstable();
+        total
+    })
+}
+
+/// One table row.
+pub fn row(label: &str, load: &Load) -> String {
+    format!(
+        "{label:<34} {:>9.0} req/s   p50 {:>7.3} ms   p99 {:>7.3} ms   failures {}",
+        load.rps(),
+        load.percentile(50.0).as_secs_f64() * 1e3,
+        load.percentile(99.0).as_secs_f64() * 1e3,
+        load.failures
+    )
+}
