@@ -506,6 +506,18 @@ impl Config {
         Ok(())
     }
 
+    /// The settings of the service `name` if its `[[services]]` entry
+    /// overrides any; `None` means the gateway-wide sections apply.
+    pub fn override_for(&self, name: &str) -> Option<ServicePolicy> {
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .filter(|s| {
+                s.health_check.is_some() || s.circuit_breaker.is_some() || s.retry.is_some()
+            })
+            .map(|_| self.policy_for(name))
+    }
+
     /// The settings in force for the service `name`: its `[[services]]`
     /// overrides if it has any, else the gateway-wide sections.
     pub fn policy_for(&self, name: &str) -> ServicePolicy {

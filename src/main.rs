@@ -126,6 +126,13 @@ fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let signal = match main.block_on(async { shutdown_signal() }) {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
     let stop = CancellationToken::new();
     let threads: Vec<_> = (1..workers)
         .filter_map(|index| spawn_worker(index, local, &gateway, &stop))
@@ -138,7 +145,7 @@ fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
         "switchyard listening"
     );
     main.block_on(server::run(listener, gateway, async move {
-        shutdown_signal().await;
+        signal.await;
         stop.cancel();
     }));
     for thread in threads {
@@ -179,25 +186,27 @@ fn spawn_worker(
         .ok()
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
+/// SIGINT and SIGTERM, caught from the moment this is made: installed
+/// before the gateway says it is listening, so a signal sent right after
+/// that line is never fatal.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
-    tracing::info!("signal received");
+        tracing::info!("signal received");
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("signal received");
+    })
 }

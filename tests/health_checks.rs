@@ -269,3 +269,21 @@ async fn shutdown_finishes_in_flight_requests_and_stops_checkers() {
     // New connections are refused.
     assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
 }
+
+#[tokio::test]
+async fn checks_close_their_connections() {
+    let gw = TestGateway::start("[health_check]\ninterval = \"0s\"\n").await;
+    let up = checked(200).await;
+    gw.register("svc", &up.upstream.url()).await;
+    for _ in 0..3 {
+        gw.get("/services/svc/health?refresh=true").await;
+    }
+    assert_eq!(up.checks.load(Ordering::SeqCst), 3);
+    assert_eq!(up.upstream.connections(), 3, "one connection per check");
+    let service = gw.gateway.registry().get("svc").unwrap();
+    assert_eq!(
+        service.instances()[0].pool().idle_count(),
+        0,
+        "none kept idle"
+    );
+}

@@ -3,9 +3,12 @@
 //! the first one right at registration.
 //!
 //! Each instance has one small task; a semaphore bounds how many checks are
-//! on the wire at once, so 100 000 instances never mean 100 000 sockets. A
-//! task ends when its instance's stop token is cancelled, which happens when
-//! the instance is removed and when the gateway shuts down.
+//! on the wire at once, so 100 000 instances never mean 100 000 sockets.
+//! Each check opens its own connection and closes it (as HAProxy's checks
+//! do): keeping one idle between checks would hold a socket and its buffers
+//! per instance, some 8 KiB each across a large registry. A task ends when
+//! its instance's stop token is cancelled, which happens when the instance
+//! is removed and when the gateway shuts down.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,8 +27,7 @@ use crate::config::HealthCheckConfig;
 /// Checks on the wire at once, gateway-wide.
 pub const MAX_CONCURRENT_CHECKS: usize = 256;
 
-/// A passing check's body is read up to this much, so its connection can go
-/// back to the pool; past it the connection is dropped instead.
+/// A passing check's body is read up to this much.
 const MAX_CHECK_BODY: usize = 64 * 1024;
 
 #[derive(Clone)]
@@ -130,14 +132,14 @@ async fn probe(instance: &Instance, config: &HealthCheckConfig) -> bool {
         return false;
     };
     let exchange = async {
-        let Ok(response) = instance.pool().send(request).await else {
+        let Ok(response) = instance.pool().send_once(request).await else {
             return false;
         };
         if !response.status().is_success() {
             return false;
         }
-        // Draining lets the connection be reused; a huge or broken body still
-        // passes: the status is what the check asks for.
+        // Read (a little of) the answer so the instance sees it delivered; a
+        // huge or broken body still passes: the status is what counts.
         let _ = Limited::new(response.into_body(), MAX_CHECK_BODY)
             .collect()
             .await;

@@ -108,6 +108,8 @@ pub struct Registry {
     writer: Mutex<()>,
     instance_count: AtomicUsize,
     config: Arc<Config>,
+    /// The policy of every service without overrides, shared.
+    default_policy: Arc<ServicePolicy>,
     pool_settings: Arc<PoolSettings>,
     checker: HealthChecker,
 }
@@ -119,6 +121,7 @@ impl Registry {
             writer: Mutex::new(()),
             instance_count: AtomicUsize::new(0),
             pool_settings: Arc::new(PoolSettings::new(&config.proxy, config.gateway.workers)),
+            default_policy: Arc::new(config.policy_for("")),
             config,
             checker,
         }
@@ -213,11 +216,14 @@ impl Registry {
         self.check_limits(&name, current.as_deref())?;
         let service = current.unwrap_or_else(|| {
             let name: Arc<str> = name.as_str().into();
-            let policy = self.config.policy_for(&name);
+            let policy = match self.config.override_for(&name) {
+                Some(policy) => Arc::new(policy),
+                None => self.default_policy.clone(),
+            };
             let budget =
                 RetryBudget::new(policy.retry.budget_ratio, policy.retry.budget_min_per_sec);
             Arc::new(ServiceEntry {
-                policy: Arc::new(policy),
+                policy,
                 budget: Arc::new(budget),
                 name,
                 instances: Vec::new(),

@@ -112,6 +112,20 @@ impl Pool {
         }
     }
 
+    /// Sends `request` on a connection of its own, closed afterwards: for
+    /// health checks, which come every `interval` per instance and would
+    /// otherwise hold one idle connection open per instance between checks.
+    pub async fn send_once(
+        &self,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut sender = self.open().await.map_err(UpstreamError::Connect)?;
+        sender
+            .try_send_request(request)
+            .await
+            .map_err(|e| UpstreamError::Broken(e.into_error()))
+    }
+
     /// Idle connections now (for tests and diagnostics).
     pub fn idle_count(&self) -> usize {
         self.lock().len()
