@@ -71,7 +71,10 @@ impl HealthChecker {
         let passed = {
             // The semaphore is never closed, so acquiring cannot fail.
             let _permit = self.permits.acquire().await;
-            probe(instance, config).await
+            // Boxed: a connection's handshake makes this future a few KiB,
+            // and every instance's checker task would carry that size while
+            // it sleeps between checks; boxed, only running checks do.
+            Box::pin(probe(instance, config)).await
         };
         // Checks come round even when no traffic does: a good moment to
         // close the instance's connections idle past their timeout.
