@@ -243,8 +243,28 @@ impl Default for LimitsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamsConfig {
     /// Empty means any address that `deny` does not cover.
+    #[serde(deserialize_with = "networks")]
     pub allow: Vec<IpNet>,
+    #[serde(deserialize_with = "networks")]
     pub deny: Vec<IpNet>,
+}
+
+/// CIDR networks (`"10.0.0.0/8"`), or single addresses (`"10.0.0.1"`, read
+/// as `/32` or `/128`).
+fn networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    let written = Vec::<String>::deserialize(deserializer)?;
+    written
+        .iter()
+        .map(|net| {
+            net.parse::<IpNet>()
+                .or_else(|_| net.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{net:?} is neither a CIDR network (\"10.0.0.0/8\") nor an IP address"
+                    ))
+                })
+        })
+        .collect()
 }
 
 impl Default for UpstreamsConfig {
@@ -860,6 +880,19 @@ mod tests {
         assert!(e.contains("round_robin"), "{e}");
         let e = error_of("[upstreams]\ndeny = [\"10.0.0.0/33\"]\n");
         assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn upstream_networks_take_cidrs_and_plain_addresses() {
+        let c = Config::from_toml(
+            "[upstreams]\nallow = [\"10.0.0.0/8\", \"192.168.1.7\", \"fd00::1\"]\ndeny = []\n",
+        )
+        .unwrap();
+        let allow: Vec<String> = c.upstreams.allow.iter().map(|n| n.to_string()).collect();
+        assert_eq!(allow, ["10.0.0.0/8", "192.168.1.7/32", "fd00::1/128"]);
+        assert!(c.upstreams.deny.is_empty());
+        let e = error_of("[upstreams]\ndeny = [\"metadata\"]\n");
+        assert!(e.contains("metadata") && e.contains("line 2"), "{e}");
     }
 
     #[test]

@@ -118,6 +118,8 @@ fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
              address can change the registry; set gateway.admin_token or SWITCHYARD_ADMIN_TOKEN"
         );
     }
+    // The upstream policy refuses the gateway's own address: the real one.
+    config.gateway.listen = local;
     let name = config.gateway.name.clone();
     let gateway = match main.block_on(async { Gateway::new(config) }) {
         Ok(gateway) => gateway,

@@ -120,11 +120,15 @@ impl Registry {
             services: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
             writer: Mutex::new(()),
             instance_count: AtomicUsize::new(0),
-            pool_settings: Arc::new(PoolSettings::new(&config.proxy, config.gateway.workers)),
+            pool_settings: Arc::new(PoolSettings::new(&config, config.gateway.listen)),
             default_policy: Arc::new(config.policy_for("")),
             config,
             checker,
         }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     pub fn checker(&self) -> &HealthChecker {
@@ -176,6 +180,15 @@ impl Registry {
             InstanceUrl::parse(&url).map_err(|m| GatewayError::new(ErrorCode::InvalidUrl, m))?;
         let id = id.unwrap_or_else(|| url.host_port().to_string());
         validate::instance_id(&id).map_err(|m| GatewayError::new(ErrorCode::InvalidName, m))?;
+        self.pool_settings
+            .policy
+            .check_host(url.host(), url.port())
+            .map_err(|why| {
+                GatewayError::new(
+                    ErrorCode::UpstreamForbidden,
+                    format!("{} is outside the upstream policy: {why}", url.as_str()),
+                )
+            })?;
 
         let _writer = self.lock_writer();
         let services = self.services.pin();

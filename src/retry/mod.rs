@@ -31,6 +31,8 @@ pub use budget::RetryBudget;
 pub enum Failure {
     /// No connection could be made: nothing was sent.
     Connect,
+    /// The instance's address is outside the upstream policy: nothing was sent.
+    Forbidden,
     /// No response headers within the attempt's time.
     Timeout,
     /// The request went out but the response was broken (reset, garbage).
@@ -98,7 +100,7 @@ pub fn decide(
         Failure::Status(status) if !config.retry_on_status.contains(&status) => {
             return Err(GiveUp::NotRetryable);
         }
-        Failure::Connect => {}
+        Failure::Connect | Failure::Forbidden => {}
         Failure::Timeout | Failure::Broken | Failure::Status(_) | Failure::Tripped(_)
             if !request.idempotent =>
         {
@@ -179,6 +181,7 @@ mod tests {
             (Connect,       POST,          3, true,  Err(AttemptsExhausted)),
             (Connect,       POST_STREAMED, 1, true,  Err(BodyGone)),
             (Connect,       GET,           1, false, Err(BudgetSpent)),
+            (Forbidden,     POST,          1, true,  Ok(())),
             (Timeout,       GET,           1, true,  Ok(())),
             (Timeout,       POST,          1, true,  Err(NotIdempotent)),
             (Timeout,       GET_STREAMED,  1, true,  Err(BodyGone)),

@@ -7,10 +7,12 @@
 //! no task is spawned per request to wait for the connection to idle.
 //!
 //! - [`connect`]: resolving the instance's host and opening the TCP
-//!   connection, with the connect timeout and `TCP_NODELAY`.
+//!   connection, with the connect timeout and `TCP_NODELAY`, to addresses
+//!   the [`policy`] allows.
 //! - [`pool`]: idle connections, reuse, and the body that returns them.
 
 pub mod connect;
+pub mod policy;
 pub mod pool;
 
 use std::future::Future;
@@ -43,6 +45,8 @@ pub fn worker() -> usize {
 pub enum UpstreamError {
     /// No connection could be made: nothing was sent.
     Connect(std::io::Error),
+    /// The instance's address is outside the upstream policy: nothing was sent.
+    Forbidden(connect::ConnectError),
     /// The request went out (or may have) and no proper response came back.
     Broken(hyper::Error),
 }
@@ -50,7 +54,20 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether nothing at all reached the instance.
     pub fn is_connect(&self) -> bool {
-        matches!(self, Self::Connect(_))
+        matches!(self, Self::Connect(_) | Self::Forbidden(_))
+    }
+
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, Self::Forbidden(_))
+    }
+}
+
+impl From<connect::ConnectError> for UpstreamError {
+    fn from(e: connect::ConnectError) -> Self {
+        match e {
+            connect::ConnectError::Io(e) => Self::Connect(e),
+            forbidden => Self::Forbidden(forbidden),
+        }
     }
 }
 
@@ -58,6 +75,7 @@ impl std::fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Connect(e) => write!(f, "connect failed: {e}"),
+            Self::Forbidden(e) => write!(f, "connect refused by the upstream policy: {e}"),
             Self::Broken(e) => write!(f, "upstream response failed: {e}"),
         }
     }
@@ -67,6 +85,7 @@ impl std::error::Error for UpstreamError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Connect(e) => Some(e),
+            Self::Forbidden(e) => Some(e),
             Self::Broken(e) => Some(e),
         }
     }

@@ -26,9 +26,10 @@ use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
+use super::policy::UpstreamPolicy;
 use super::{UpstreamError, connect};
 use crate::body::Body;
-use crate::config::ProxyConfig;
+use crate::config::Config;
 
 /// Idle connections kept per instance, at most.
 pub const MAX_IDLE: usize = 1024;
@@ -40,14 +41,17 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Worker threads: each instance gets one pool per worker.
     pub workers: usize,
+    pub policy: UpstreamPolicy,
 }
 
 impl PoolSettings {
-    pub fn new(proxy: &ProxyConfig, workers: usize) -> Self {
+    /// `listen` is the address the gateway really listens on.
+    pub fn new(config: &Config, listen: std::net::SocketAddr) -> Self {
         Self {
-            connect_timeout: proxy.connect_timeout,
-            idle_timeout: proxy.pool_idle_timeout,
-            workers,
+            connect_timeout: config.proxy.connect_timeout,
+            idle_timeout: config.proxy.pool_idle_timeout,
+            workers: config.gateway.workers,
+            policy: UpstreamPolicy::new(&config.upstreams, listen),
         }
     }
 }
@@ -105,7 +109,7 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.open().await.map_err(UpstreamError::Connect)?;
+        let mut sender = self.open().await?;
         match sender.try_send_request(request).await {
             Ok(response) => Ok(self.wrap(response, sender)),
             Err(e) => Err(UpstreamError::Broken(e.into_error())),
@@ -119,7 +123,7 @@ impl Pool {
         &self,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.open().await.map_err(UpstreamError::Connect)?;
+        let mut sender = self.open().await?;
         sender
             .try_send_request(request)
             .await
@@ -163,12 +167,19 @@ impl Pool {
         }
     }
 
-    async fn open(&self) -> std::io::Result<SendRequest<Body>> {
-        let stream = connect::connect(&self.host, self.port, self.settings.connect_timeout).await?;
+    async fn open(&self) -> Result<SendRequest<Body>, UpstreamError> {
+        let settings = &self.settings;
+        let stream = connect::connect(
+            &self.host,
+            self.port,
+            settings.connect_timeout,
+            &settings.policy,
+        )
+        .await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(std::io::Error::other)?;
+            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
         let (host, port) = (self.host.clone(), self.port);
         tokio::spawn(async move {
             if let Err(e) = connection.await {

@@ -1,0 +1,266 @@
+//! Which addresses the gateway may connect to: the defence against
+//! server-side request forgery (SPEC §6).
+//!
+//! An address is allowed when it is not the gateway's own listening address,
+//! no `deny` network contains it, and `allow` is empty or contains it. Deny
+//! wins over allow. IPv4-mapped IPv6 addresses (`::ffff:169.254.169.254`)
+//! are judged as the IPv4 address they carry.
+//!
+//! Registration checks hosts written as IP literals, in every spelling the
+//! system resolver accepts (`2852039166`, `0xA9FEA9FE`, `0251.0376.0251.0376`
+//! and `169.254.43518` are all 169.254.169.254). A hostname is checked after
+//! resolution, at connect time, in the one place every connection is made
+//! (proxied calls and health checks alike), against the exact address then
+//! connected to, so DNS rebinding cannot slip past.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use ipnet::IpNet;
+
+use crate::config::UpstreamsConfig;
+
+#[derive(Debug, Clone)]
+pub struct UpstreamPolicy {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    own: SocketAddr,
+}
+
+/// Why an address was refused, for the error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    OwnAddress,
+    Denied(IpNet),
+    NotAllowed,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::OwnAddress => f.write_str("it is the gateway's own listening address"),
+            Self::Denied(net) => write!(f, "{net} is in upstreams.deny"),
+            Self::NotAllowed => f.write_str("it is outside upstreams.allow"),
+        }
+    }
+}
+
+impl UpstreamPolicy {
+    /// `own` is the address the gateway actually listens on.
+    pub fn new(config: &UpstreamsConfig, own: SocketAddr) -> Self {
+        Self {
+            allow: config.allow.clone(),
+            deny: config.deny.clone(),
+            own,
+        }
+    }
+
+    /// Whether the gateway may connect to `addr`.
+    pub fn check(&self, addr: SocketAddr) -> Result<(), Refusal> {
+        let ip = addr.ip().to_canonical();
+        if self.is_own(ip, addr.port()) {
+            return Err(Refusal::OwnAddress);
+        }
+        if let Some(net) = self.deny.iter().find(|net| net.contains(&ip)) {
+            return Err(Refusal::Denied(*net));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)) {
+            return Err(Refusal::NotAllowed);
+        }
+        Ok(())
+    }
+
+    /// The registration-time check: a host written as an IP literal (in any
+    /// spelling) must pass [`check`](Self::check); a hostname passes here
+    /// and is checked when connecting.
+    pub fn check_host(&self, host: &str, port: u16) -> Result<(), Refusal> {
+        match ip_literal(host) {
+            Some(ip) => self.check(SocketAddr::new(ip, port)),
+            None => Ok(()),
+        }
+    }
+
+    fn is_own(&self, ip: IpAddr, port: u16) -> bool {
+        if port != self.own.port() {
+            return false;
+        }
+        let own = self.own.ip().to_canonical();
+        // Listening on every address: loopback and the unspecified address
+        // reach this gateway too (other local addresses are caught by the
+        // Via loop check).
+        ip == own || (own.is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
+    }
+}
+
+/// `host` as an IP address if it is one: `[v6]`, or IPv4 in the forms
+/// inet_aton(3) accepts (1 to 4 parts, each decimal, octal with a leading
+/// 0, or hex with 0x), which is how the system resolver reads it.
+pub fn ip_literal(host: &str) -> Option<IpAddr> {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse().ok();
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    loose_ipv4(host).map(IpAddr::V4)
+}
+
+fn loose_ipv4(host: &str) -> Option<Ipv4Addr> {
+    let parts: Vec<u64> = host.split('.').map(loose_number).collect::<Option<_>>()?;
+    let value = match parts.as_slice() {
+        [a] => *a,
+        [a, b] if *a <= 0xff && *b <= 0xff_ffff => a << 24 | b,
+        [a, b, c] if *a <= 0xff && *b <= 0xff && *c <= 0xffff => a << 24 | b << 16 | c,
+        [a, b, c, d] if [a, b, c, d].iter().all(|p| **p <= 0xff) => a << 24 | b << 16 | c << 8 | d,
+        _ => return None,
+    };
+    u32::try_from(value).ok().map(Ipv4Addr::from)
+}
+
+fn loose_number(part: &str) -> Option<u64> {
+    if part.is_empty() {
+        return None;
+    }
+    let (digits, radix) =
+        if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+            (hex, 16)
+        } else if part.len() > 1 && part.starts_with('0') {
+            (&part[1..], 8)
+        } else {
+            (part, 10)
+        };
+    if digits.is_empty() {
+        // "0x" alone is 0 to inet_aton.
+        return (radix == 16).then_some(0);
+    }
+    u64::from_str_radix(digits, radix)
+        .ok()
+        .filter(|v| *v <= u64::from(u32::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(allow: &[&str], deny: &[&str], own: &str) -> UpstreamPolicy {
+        let config = UpstreamsConfig {
+            allow: allow.iter().map(|n| n.parse().unwrap()).collect(),
+            deny: deny.iter().map(|n| n.parse().unwrap()).collect(),
+        };
+        UpstreamPolicy::new(&config, own.parse().unwrap())
+    }
+
+    fn default_policy() -> UpstreamPolicy {
+        UpstreamPolicy::new(
+            &UpstreamsConfig::default(),
+            "127.0.0.1:8080".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn metadata_address_in_every_spelling_is_an_ip_literal() {
+        let metadata: IpAddr = "169.254.169.254".parse().unwrap();
+        for spelling in [
+            "169.254.169.254",
+            "2852039166",
+            "0xA9FEA9FE",
+            "0xa9fea9fe",
+            "0251.0376.0251.0376",
+            "169.254.43518",
+            "169.16689662",
+            "0xa9.0xfe.0xa9.0xfe",
+            "[::ffff:169.254.169.254]",
+            "[::ffff:a9fe:a9fe]",
+        ] {
+            let ip = ip_literal(spelling).unwrap_or_else(|| panic!("{spelling} not read as an IP"));
+            assert_eq!(ip.to_canonical(), metadata, "{spelling}");
+            assert!(
+                default_policy().check_host(spelling, 80).is_err(),
+                "{spelling} allowed"
+            );
+        }
+        for hostname in ["example.com", "1.2.3.4.5", "08", "0x", "256.1.1.1", "1e3"] {
+            if let Some(ip) = ip_literal(hostname) {
+                // Only what inet_aton itself accepts may come out.
+                assert_eq!(hostname, "0x", "{hostname} read as {ip}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_default_deny_list() {
+        let p = default_policy();
+        for denied in [
+            "169.254.169.254:80",
+            "169.254.1.1:80",
+            "0.0.0.0:80",
+            "0.1.2.3:80",
+            "224.0.0.1:80",
+            "[fe80::1]:80",
+            "[::]:80",
+            "[ff02::1]:80",
+            "[::ffff:169.254.169.254]:80",
+            "[::ffff:0.0.0.0]:80",
+        ] {
+            assert!(p.check(denied.parse().unwrap()).is_err(), "{denied}");
+        }
+        for allowed in [
+            "127.0.0.1:9000",
+            "10.0.0.5:80",
+            "[::1]:9000",
+            "8.8.8.8:53",
+            "[2001:db8::1]:80",
+        ] {
+            assert_eq!(p.check(allowed.parse().unwrap()), Ok(()), "{allowed}");
+        }
+    }
+
+    #[test]
+    fn own_address_is_refused() {
+        let p = policy(&[], &[], "127.0.0.1:8080");
+        assert_eq!(
+            p.check("127.0.0.1:8080".parse().unwrap()),
+            Err(Refusal::OwnAddress)
+        );
+        assert_eq!(p.check("127.0.0.1:8081".parse().unwrap()), Ok(()));
+        let everywhere = policy(&[], &[], "0.0.0.0:8080");
+        for own in [
+            "127.0.0.1:8080",
+            "127.0.0.2:8080",
+            "[::1]:8080",
+            "0.0.0.0:8080",
+        ] {
+            assert_eq!(
+                everywhere.check(own.parse().unwrap()),
+                Err(Refusal::OwnAddress),
+                "{own}"
+            );
+        }
+    }
+
+    #[test]
+    fn allow_list_and_deny_precedence() {
+        let p = policy(
+            &["10.0.0.0/8", "fd00::/8"],
+            &["10.9.0.0/16"],
+            "127.0.0.1:8080",
+        );
+        assert_eq!(p.check("10.1.2.3:80".parse().unwrap()), Ok(()));
+        assert_eq!(p.check("[fd00::7]:80".parse().unwrap()), Ok(()));
+        assert_eq!(
+            p.check("192.168.1.1:80".parse().unwrap()),
+            Err(Refusal::NotAllowed)
+        );
+        assert!(matches!(
+            p.check("10.9.1.1:80".parse().unwrap()),
+            Err(Refusal::Denied(_))
+        ));
+    }
+
+    #[test]
+    fn hostnames_pass_registration_and_wait_for_resolution() {
+        assert_eq!(
+            default_policy().check_host("metadata.google.internal", 80),
+            Ok(())
+        );
+    }
+}
