@@ -10,6 +10,7 @@
 //! - [`server`]: accept loop, connection limits, graceful shutdown.
 //! - [`router`]: `/services*` → [`api`], `/call/*` → the proxy, `/healthz`.
 //! - [`api`]: the registry's REST handlers and their JSON shapes.
+//! - [`auth`]: the admin token that guards registry writes.
 //! - [`registry`]: services and instances, health state, the health checker.
 //! - [`breaker`]: the per-instance circuit breaker and its state machine.
 //! - [`proxy`]: `/call/<service>/...`: forwarding, headers, the retry loop.
@@ -23,11 +24,13 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod error;
+pub mod framing;
 pub mod gateway;
 pub mod proxy;
 pub mod registry;
