@@ -9,11 +9,10 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, CollectError};
 use crate::breaker::CircuitState;
 use crate::error::{ErrorCode, GatewayError};
 use crate::registry::{HealthStatus, Instance, Registered, Registration, Registry, ServiceEntry};
@@ -176,13 +175,17 @@ where
     if declared.is_some_and(|len| len > MAX_REGISTRY_BODY as u64) {
         return Err(body_too_large());
     }
-    let bytes = match Limited::new(request.into_body(), MAX_REGISTRY_BODY)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(body_too_large()),
-        Err(e) => {
+    let idle = registry.config().limits.body_idle_timeout;
+    let bytes = match body::collect_capped(request.into_body(), MAX_REGISTRY_BODY, idle).await {
+        Ok(bytes) => bytes,
+        Err(CollectError::TooLarge) => return Err(body_too_large()),
+        Err(CollectError::Stalled) => {
+            return Err(GatewayError::new(
+                ErrorCode::RequestTimeout,
+                "the request body stalled past body_idle_timeout",
+            ));
+        }
+        Err(CollectError::Broken(e)) => {
             return Err(GatewayError::new(
                 ErrorCode::BadRequest,
                 format!("could not read the request body: {e}"),

@@ -33,3 +33,43 @@ where
 {
     body.map_err(Into::into).boxed_unsync()
 }
+
+/// Why [`collect_capped`] gave up.
+#[derive(Debug)]
+pub enum CollectError {
+    /// More than the limit.
+    TooLarge,
+    /// No progress for the idle timeout.
+    Stalled,
+    /// The body broke off.
+    Broken(BoxError),
+}
+
+/// Reads a whole body of at most `limit` bytes, giving up when no data
+/// arrives for `idle`.
+pub async fn collect_capped<B>(
+    body: B,
+    limit: usize,
+    idle: std::time::Duration,
+) -> Result<Bytes, CollectError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut collected = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(CollectError::Stalled),
+            Ok(None) => return Ok(Bytes::from(collected)),
+            Ok(Some(Err(e))) => return Err(CollectError::Broken(e.into())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if collected.len() + data.len() > limit {
+                return Err(CollectError::TooLarge);
+            }
+            collected.extend_from_slice(&data);
+        }
+    }
+}

@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -20,6 +21,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
+use crate::error::{ErrorCode, GatewayError};
+use crate::framing::{FramingLog, Sniffed};
 use crate::gateway::Gateway;
 use crate::proxy::headers::Peer;
 use crate::router;
@@ -92,9 +95,13 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let framing = Arc::new(FramingLog::default());
+        let stream = Sniffed::new(stream, limits.max_header_bytes as usize, framing.clone());
         let service = Connection {
             gateway: gateway.clone(),
             peer: Arc::new(Peer::new(remote)),
+            framing,
+            served: Arc::new(AtomicU64::new(0)),
         };
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -130,6 +137,9 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
 struct Connection {
     gateway: Arc<Gateway>,
     peer: Arc<Peer>,
+    framing: Arc<FramingLog>,
+    /// Requests served so far: the index the framing log speaks of.
+    served: Arc<AtomicU64>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Connection {
@@ -138,8 +148,28 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let index = self.served.fetch_add(1, Ordering::Relaxed);
+        if self.framing.conflicted(index) {
+            return Box::pin(async { Ok(conflicting_framing()) });
+        }
         let gateway = self.gateway.clone();
         let peer = self.peer.clone();
         Box::pin(async move { Ok(router::route(&gateway, request, &peer).await) })
     }
+}
+
+/// The answer to a request with both `Content-Length` and
+/// `Transfer-Encoding`: 400, never forwarded, and the connection closed, so
+/// nothing after its body is read as another request.
+fn conflicting_framing() -> Response<Body> {
+    let mut response = GatewayError::new(
+        ErrorCode::BadRequest,
+        "the request has both Content-Length and Transfer-Encoding",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
 }

@@ -129,6 +129,31 @@ pub fn prepare_request<R: Rng + ?Sized>(
     }
 }
 
+/// Whether the request already passed through a gateway called `name`:
+/// its `Via` has an entry received by `name` (RFC 9110 §7.6.3).
+pub fn passed_through(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|entry| entry.split_whitespace().nth(1))
+        .any(|received_by| received_by.eq_ignore_ascii_case(name))
+}
+
+/// Adds this gateway's `Via` entry after any already there.
+pub fn append_via(headers: &mut HeaderMap, entry: &HeaderValue) {
+    let value = match joined(headers, &header::VIA) {
+        Some(mut previous) => {
+            previous.extend_from_slice(b", ");
+            previous.extend_from_slice(entry.as_bytes());
+            HeaderValue::from_bytes(&previous).unwrap_or_else(|_| entry.clone())
+        }
+        None => entry.clone(),
+    };
+    headers.insert(header::VIA, value);
+}
+
 /// Every value of `name`, joined with `, ` as one list (RFC 9110 §5.3).
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
     let mut values = headers.get_all(name).iter();
@@ -244,6 +269,26 @@ mod tests {
         assert_eq!(h["x-request-id"], "abc-123");
         assert_eq!(h["x-forwarded-for"], "::1");
         assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn via_entries_are_appended_and_loops_recognised() {
+        let mut h = headers(&[("via", "1.0 fred, 1.1 p.example.net (Apache/1.1)")]);
+        assert!(!passed_through(&h, "registry"));
+        assert!(passed_through(&h, "p.example.net"));
+        append_via(&mut h, &HeaderValue::from_static("1.1 registry"));
+        assert_eq!(
+            h["via"],
+            "1.0 fred, 1.1 p.example.net (Apache/1.1), 1.1 registry"
+        );
+        assert!(passed_through(&h, "registry"));
+        assert!(
+            passed_through(&h, "REGISTRY"),
+            "names compare case-insensitively"
+        );
+        let mut fresh = HeaderMap::new();
+        append_via(&mut fresh, &HeaderValue::from_static("1.1 registry"));
+        assert_eq!(fresh["via"], "1.1 registry");
     }
 
     #[test]

@@ -60,6 +60,9 @@ impl RngSource {
 }
 
 pub struct Proxy {
+    /// The gateway's name: its `Via` entry, and how it recognises a loop.
+    name: String,
+    via: HeaderValue,
     request_timeout: Duration,
     body_idle_timeout: Duration,
     rng: RngSource,
@@ -75,7 +78,13 @@ enum AttemptError {
 impl Proxy {
     pub fn new(config: &Config, seed: Option<u64>) -> Self {
         use rand::SeedableRng;
+        let name = config.gateway.name.clone();
+        // Names are validated to header-safe characters.
+        let via = HeaderValue::try_from(format!("1.1 {name}"))
+            .unwrap_or(HeaderValue::from_static("1.1 switchyard"));
         Self {
+            name,
+            via,
             request_timeout: config.proxy.request_timeout,
             body_idle_timeout: config.limits.body_idle_timeout,
             rng: match seed {
@@ -104,6 +113,19 @@ impl Proxy {
         request: Request<Incoming>,
         peer: &Peer,
     ) -> Result<Response<Body>, GatewayError> {
+        if request.version() < Version::HTTP_2 && request.uri().scheme().is_some() {
+            // An absolute-form target asks for a forward proxy, which this is not.
+            return Err(GatewayError::new(
+                ErrorCode::InvalidPath,
+                "absolute-form request targets are not accepted; send /call/<service>/<path>",
+            ));
+        }
+        if headers::passed_through(request.headers(), &self.name) {
+            return Err(GatewayError::new(
+                ErrorCode::LoopDetected,
+                format!("the request already passed through gateway {:?}", self.name),
+            ));
+        }
         // A `Uri` clone shares its bytes; the target borrows from it.
         let uri = request.uri().clone();
         let target = CallTarget::parse(&uri)?;
@@ -121,6 +143,7 @@ impl Proxy {
         let declared = content_length(&parts);
         self.rng
             .with(|rng| headers::prepare_request(&mut parts.headers, peer, client_host, rng));
+        headers::append_via(&mut parts.headers, &self.via);
         let body = RequestBody::read(
             body,
             declared,
@@ -176,6 +199,12 @@ impl Proxy {
                     };
                     last_response = Some((response, instance.clone()));
                     failure
+                }
+                Err(error) if body.fault().is_some() => {
+                    // The client's own body failed: its fault, not the instance's.
+                    let fault = body.fault().unwrap_or(ReadError::Stalled);
+                    tracing::debug!(service = service.name(), error = %error, "request body failed");
+                    return Err(body_error(fault));
                 }
                 Err(error) => match attempt_error(&error) {
                     AttemptError::Refused => {
@@ -315,6 +344,7 @@ fn attempt_error(error: &BoxError) -> AttemptError {
         return AttemptError::Failed(Failure::Timeout);
     }
     match error.downcast_ref::<UpstreamError>() {
+        Some(e) if e.is_forbidden() => AttemptError::Failed(Failure::Forbidden),
         Some(e) if e.is_connect() => AttemptError::Failed(Failure::Connect),
         _ => AttemptError::Failed(Failure::Broken),
     }
@@ -388,6 +418,12 @@ fn rescue(failure: Failure, service: &ServiceEntry, timeout: Duration) -> Gatewa
         Failure::Connect => GatewayError::new(
             ErrorCode::UpstreamUnreachable,
             format!("could not connect to an instance of service {name:?}"),
+        ),
+        Failure::Forbidden => GatewayError::new(
+            ErrorCode::UpstreamForbidden,
+            format!(
+                "the instances of service {name:?} resolve to addresses outside the upstream policy"
+            ),
         ),
         Failure::Timeout => GatewayError::new(
             ErrorCode::UpstreamTimeout,

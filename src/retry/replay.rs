@@ -8,7 +8,9 @@
 //! connect (nothing sent) leaves it in place for the next one.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,8 +35,33 @@ pub enum ReadError {
 pub enum RequestBody {
     /// Empty or read in full: every attempt sends a copy.
     Buffered(Bytes),
-    /// Too large to keep: sent at most once.
-    Streamed(Arc<Mutex<Option<Body>>>),
+    /// Too large to keep: sent at most once, and watched as it streams.
+    Streamed {
+        slot: Arc<Mutex<Option<Body>>>,
+        fault: Arc<Fault>,
+    },
+}
+
+/// What went wrong with a streamed body on its way to the upstream, so the
+/// client is told it was its own body (408, 400), not the upstream (502).
+#[derive(Debug, Default)]
+pub struct Fault(AtomicU8);
+
+impl Fault {
+    const STALLED: u8 = 1;
+    const BROKEN: u8 = 2;
+
+    fn set(&self, fault: u8) {
+        self.0.store(fault, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Option<ReadError> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::STALLED => Some(ReadError::Stalled),
+            Self::BROKEN => Some(ReadError::Broken("the request body broke off".into())),
+            _ => None,
+        }
+    }
 }
 
 /// Resolves once an attempt's streamed body has been sent to its end (or
@@ -60,7 +87,7 @@ impl RequestBody {
         }
         let mut body = body::boxed(body);
         if declared_length.is_some_and(|len| len > max_replay) {
-            return Ok(Self::streamed(body));
+            return Ok(Self::streamed(body, idle_timeout));
         }
         let mut chunks = VecDeque::new();
         let mut total = 0u64;
@@ -78,10 +105,11 @@ impl RequestBody {
             total += data.len() as u64;
             chunks.push_back(data);
             if total > max_replay {
-                return Ok(Self::streamed(body::boxed(Prefixed {
+                let rest = body::boxed(Prefixed {
                     prefix: chunks,
                     rest: body,
-                })));
+                });
+                return Ok(Self::streamed(rest, idle_timeout));
             }
         }
         let bytes = match chunks.len() {
@@ -98,15 +126,33 @@ impl RequestBody {
         Ok(Self::Buffered(bytes))
     }
 
-    fn streamed(body: Body) -> Self {
-        Self::Streamed(Arc::new(Mutex::new(Some(body))))
+    fn streamed(body: Body, idle_timeout: Duration) -> Self {
+        let fault = Arc::new(Fault::default());
+        let watched = Watched {
+            inner: body,
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            fault: fault.clone(),
+        };
+        Self::Streamed {
+            slot: Arc::new(Mutex::new(Some(body::boxed(watched)))),
+            fault,
+        }
     }
 
     /// Whether another attempt can still send this body.
     pub fn replayable(&self) -> bool {
         match self {
             Self::Buffered(_) => true,
-            Self::Streamed(slot) => lock(slot).is_some(),
+            Self::Streamed { slot, .. } => lock(slot).is_some(),
+        }
+    }
+
+    /// Whether the client's body stalled or broke while it was streamed.
+    pub fn fault(&self) -> Option<ReadError> {
+        match self {
+            Self::Buffered(_) => None,
+            Self::Streamed { fault, .. } => fault.get(),
         }
     }
 
@@ -116,7 +162,7 @@ impl RequestBody {
         match self {
             Self::Buffered(bytes) if bytes.is_empty() => Some((body::empty(), None)),
             Self::Buffered(bytes) => Some((body::full(bytes.clone()), None)),
-            Self::Streamed(slot) => {
+            Self::Streamed { slot, .. } => {
                 if lock(slot).is_none() {
                     return None;
                 }
@@ -134,6 +180,54 @@ impl RequestBody {
 
 fn lock(slot: &Mutex<Option<Body>>) -> std::sync::MutexGuard<'_, Option<Body>> {
     slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A streamed client body under watch: no progress for `idle_timeout`
+/// ends it with an error, and any failure is noted in `fault`.
+struct Watched {
+    inner: Body,
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    fault: Arc<Fault>,
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let next = tokio::time::Instant::now() + this.idle_timeout;
+                this.idle.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.fault.set(Fault::BROKEN);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.fault.set(Fault::STALLED);
+                    Poll::Ready(Some(Err("the request body stalled".into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The chunks read while deciding, then the rest of the body.
@@ -286,7 +380,7 @@ mod tests {
         let body = RequestBody::read(chunks(10, 10), None, 25, IDLE)
             .await
             .unwrap();
-        assert!(matches!(body, RequestBody::Streamed(_)));
+        assert!(matches!(body, RequestBody::Streamed { .. }));
         let (attempt, _) = body.for_attempt().unwrap();
         let sent = bytes_of(attempt).await;
         let expected: Vec<u8> = (0..10u8).flat_map(|i| vec![i; 10]).collect();
@@ -300,7 +394,7 @@ mod tests {
         let body = RequestBody::read(body::boxed(Stalled), Some(1 << 30), 64, IDLE)
             .await
             .unwrap();
-        assert!(matches!(body, RequestBody::Streamed(_)));
+        assert!(matches!(body, RequestBody::Streamed { .. }));
     }
 
     #[tokio::test]
@@ -317,6 +411,23 @@ mod tests {
         assert_eq!(bytes_of(attempt).await.len(), 40);
         assert!(upload.wait_for(|done| *done).await.is_ok());
         assert!(!body.replayable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_body_that_stalls_ends_with_a_fault() {
+        let body = RequestBody::read(
+            body::boxed(Stalled),
+            Some(1 << 20),
+            64,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        let (attempt, _) = body.for_attempt().unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(attempt.collect().await.is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert!(matches!(body.fault(), Some(ReadError::Stalled)));
     }
 
     #[tokio::test(start_paused = true)]
