@@ -334,3 +334,69 @@ fn sigterm_on_an_idle_gateway_exits_zero() {
     let (running, _) = Running::start(&dir, &[("SERVICE_PORT", "0")]);
     assert_eq!(running.terminate().code(), Some(0));
 }
+
+#[test]
+fn the_admin_token_from_the_environment_guards_writes() {
+    let dir = TempDir::new("token");
+    let (running, addr) = Running::start(
+        &dir,
+        &[
+            ("SERVICE_PORT", "0"),
+            ("SWITCHYARD_ADMIN_TOKEN", "env-t0ken"),
+        ],
+    );
+    let body = r#"{"name":"dyn","url":"http://127.0.0.1:9"}"#;
+    let post = |auth: &str| {
+        http(
+            &addr,
+            &format!(
+                "POST /services HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    let reply = post("");
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{reply}"
+    );
+    let reply = post("Authorization: Bearer env-t0ken\r\n");
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    assert_eq!(running.terminate().code(), Some(0));
+}
+
+#[test]
+fn listening_beyond_loopback_without_a_token_warns() {
+    let dir = TempDir::new("warn");
+    let mut command = Command::new(BIN);
+    command
+        .args(["--listen", "0.0.0.0:0"])
+        .current_dir(&dir.0)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    for var in [
+        "SERVICE_PORT",
+        "SERVICE_NAME",
+        "SWITCHYARD_ADMIN_TOKEN",
+        "RUST_LOG",
+    ] {
+        command.env_remove(var);
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut warned = false;
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        if line.contains("without an admin token") {
+            warned = true;
+        }
+        if line.contains("listening") && !line.contains("without") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warned);
+}

@@ -88,9 +88,12 @@ impl TestGateway {
     }
 
     async fn start_with(toml: &str, seed: Option<u64>) -> Self {
-        let config = Config::from_toml(toml).expect("test config is valid");
+        let mut config = Config::from_toml(toml).expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        // The gateway must know where it really listens (its own address is
+        // outside the upstream policy).
+        config.gateway.listen = addr;
         let gateway = match seed {
             Some(seed) => Gateway::with_seed(config, seed),
             None => Gateway::new(config),
@@ -332,7 +335,10 @@ impl http_body::Body for Chunks {
 pub struct Echo {
     pub upstream: Upstream,
     pub status: Arc<std::sync::atomic::AtomicU16>,
+    /// Requests whose head arrived.
     pub hits: Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests whose body arrived complete.
+    pub complete: Arc<std::sync::atomic::AtomicUsize>,
     pub name: String,
 }
 
@@ -341,17 +347,25 @@ impl Echo {
         use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
         let status = Arc::new(AtomicU16::new(200));
         let hits = Arc::new(AtomicUsize::new(0));
-        let (s, h, n) = (status.clone(), hits.clone(), name.to_string());
+        let complete = Arc::new(AtomicUsize::new(0));
+        let (s, h, c, n) = (
+            status.clone(),
+            hits.clone(),
+            complete.clone(),
+            name.to_string(),
+        );
         let upstream = Upstream::start(move |request: Request<Incoming>| {
-            let (s, h, n) = (s.clone(), h.clone(), n.clone());
+            let (s, h, c, n) = (s.clone(), h.clone(), c.clone(), n.clone());
             async move {
                 h.fetch_add(1, Ordering::SeqCst);
                 let (parts, body) = request.into_parts();
-                let body = body
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
+                let body = match body.collect().await {
+                    Ok(body) => {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        body.to_bytes()
+                    }
+                    Err(_) => Bytes::new(),
+                };
                 let mut headers = serde_json::Map::new();
                 for name in parts.headers.keys() {
                     let values: Vec<_> = parts
@@ -383,6 +397,7 @@ impl Echo {
             upstream,
             status,
             hits,
+            complete,
             name: name.to_string(),
         }
     }
