@@ -69,20 +69,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if found & 1 != 0 {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
-            // The usual tokens name no other header.
-            .filter(|token| {
-                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
-            })
-            .filter_map(|token| HeaderName::try_from(token).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
+        // Usually just "keep-alive" or "close", which name no other header.
+        let tokens = || {
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(','))
+                .map(str::trim)
+                .filter(|token| {
+                    !token.eq_ignore_ascii_case("keep-alive")
+                        && !token.eq_ignore_ascii_case("close")
+                })
+        };
+        if tokens().next().is_some() {
+            let listed: Vec<HeaderName> = tokens()
+                .filter_map(|token| HeaderName::try_from(token).ok())
+                .collect();
+            for name in listed {
+                headers.remove(name);
+            }
         }
     }
     for (bit, name) in HOP_BY_HOP.iter().enumerate() {
