@@ -16,13 +16,9 @@ use std::time::Duration;
 use support::{GatewayProcess, Upstreams, load, register_all, row};
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo test --benches` asks for a listing; nothing to list.
-    }
-    let seconds = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let Some(seconds) = support::seconds() else {
+        return;
+    };
     let duration = Duration::from_secs(seconds);
     let warmup = Duration::from_secs(1);
     let upstreams = Upstreams::start(3);

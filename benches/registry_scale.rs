@@ -32,13 +32,9 @@ fn registrations(upstreams: &Upstreams, services: usize) -> Vec<(String, String,
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let Some(seconds) = support::seconds() else {
         return;
-    }
-    let seconds = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    };
     let duration = Duration::from_secs(seconds);
     let warmup = Duration::from_secs(1);
     let upstreams = Upstreams::start(3);

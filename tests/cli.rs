@@ -33,9 +33,11 @@ impl Drop for TempDir {
     }
 }
 
-fn run(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Output {
+/// The binary in `dir`, with none of the variables it reads inherited from
+/// the test's own environment.
+fn gateway(dir: &TempDir) -> Command {
     let mut command = Command::new(BIN);
-    command.args(args).current_dir(&dir.0);
+    command.current_dir(&dir.0);
     for var in [
         "SERVICE_PORT",
         "SERVICE_NAME",
@@ -44,7 +46,15 @@ fn run(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Output {
     ] {
         command.env_remove(var);
     }
-    command.envs(env.iter().copied()).output().unwrap()
+    command
+}
+
+fn run(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Output {
+    gateway(dir)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -175,20 +185,12 @@ struct Running {
 
 impl Running {
     fn start(dir: &TempDir, env: &[(&str, &str)]) -> (Self, String) {
-        let mut command = Command::new(BIN);
-        command
-            .current_dir(&dir.0)
+        let mut child = gateway(dir)
             .stderr(Stdio::piped())
-            .stdout(Stdio::null());
-        for var in [
-            "SERVICE_PORT",
-            "SERVICE_NAME",
-            "SWITCHYARD_ADMIN_TOKEN",
-            "RUST_LOG",
-        ] {
-            command.env_remove(var);
-        }
-        let mut child = command.envs(env.iter().copied()).spawn().unwrap();
+            .stdout(Stdio::null())
+            .envs(env.iter().copied())
+            .spawn()
+            .unwrap();
         let (tx, lines) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
@@ -371,21 +373,12 @@ fn the_admin_token_from_the_environment_guards_writes() {
 #[test]
 fn listening_beyond_loopback_without_a_token_warns() {
     let dir = TempDir::new("warn");
-    let mut command = Command::new(BIN);
-    command
+    let mut child = gateway(&dir)
         .args(["--listen", "0.0.0.0:0"])
-        .current_dir(&dir.0)
         .stderr(Stdio::piped())
-        .stdout(Stdio::null());
-    for var in [
-        "SERVICE_PORT",
-        "SERVICE_NAME",
-        "SWITCHYARD_ADMIN_TOKEN",
-        "RUST_LOG",
-    ] {
-        command.env_remove(var);
-    }
-    let mut child = command.spawn().unwrap();
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut warned = false;
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {

@@ -17,6 +17,20 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
+/// Seconds per measured row (`BENCH_SECONDS`, default 5), or `None` when
+/// the harness only asks for a listing (`cargo test --benches`).
+pub fn seconds() -> Option<u64> {
+    if std::env::args().any(|a| a == "--list") {
+        return None;
+    }
+    Some(
+        std::env::var("BENCH_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(5),
+    )
+}
+
 /// Upstream servers answering `hello` to everything, on their own thread.
 pub struct Upstreams {
     pub addrs: Vec<SocketAddr>,
