@@ -122,6 +122,14 @@ impl Sniffer {
                         if bytes.is_empty() {
                             return;
                         }
+                        // The usual case: the whole head in this read, read in place.
+                        if let Some(end) = memchr::memmem::find(bytes, b"\r\n\r\n") {
+                            if end <= self.max_head {
+                                self.state = self.on_head(&bytes[..end], log);
+                                bytes = &bytes[end + 4..];
+                                continue;
+                            }
+                        }
                     }
                     let Some(end) = self.take_until(&mut bytes, b"\r\n\r\n") else {
                         return;
@@ -179,8 +187,7 @@ impl Sniffer {
             .windows(d)
             .position(|w| w == delimiter)
             .map(|p| p + d - tail);
-        let after =
-            straddling.or_else(|| bytes.windows(d).position(|w| w == delimiter).map(|p| p + d));
+        let after = straddling.or_else(|| memchr::memmem::find(bytes, delimiter).map(|p| p + d));
         match after {
             Some(after) => {
                 self.pending.extend_from_slice(&bytes[..after]);
