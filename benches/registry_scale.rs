@@ -70,7 +70,13 @@ fn main() {
     let mut many = Vec::new();
     for _ in 0..3 {
         one.push(load(small.addr, "/call/service-0/", 64, warmup, duration));
-        many.push(load(big.addr, &format!("/call/service-{}/", SERVICES / 2), 64, warmup, duration));
+        many.push(load(
+            big.addr,
+            &format!("/call/service-{}/", SERVICES / 2),
+            64,
+            warmup,
+            duration,
+        ));
     }
     let median = |runs: &[support::Load]| {
         let mut rps: Vec<f64> = runs.iter().map(|l| l.rps()).collect();

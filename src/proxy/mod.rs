@@ -38,7 +38,7 @@ use crate::error::{ErrorCode, GatewayError};
 use crate::registry::{HealthStatus, Instance, Registry, ServiceEntry};
 use crate::retry::replay::{ReadError, RequestBody};
 use crate::retry::{self, Failure, RequestTraits};
-use crate::upstream::{PoolService, PooledBody, UpstreamError};
+use crate::upstream::{PoolService, UpstreamBody, UpstreamError};
 pub use deadline::{AttemptTimeout, Deadline, TimedOut};
 use headers::Peer;
 use path::CallTarget;
@@ -158,7 +158,7 @@ impl Proxy {
         let mut tried: Vec<Arc<Instance>> = Vec::new();
         let mut refused: Vec<Arc<Instance>> = Vec::new();
         let mut attempts = 0u32;
-        let mut last_response: Option<(Response<PooledBody>, Arc<Instance>)> = None;
+        let mut last_response: Option<(Response<UpstreamBody>, Arc<Instance>)> = None;
         let mut last_failure = Failure::Connect;
 
         loop {
@@ -291,7 +291,7 @@ type InstanceStack = CircuitBreaker<AttemptTimeout<PoolService>>;
 async fn call(
     mut stack: InstanceStack,
     request: Request<Body>,
-) -> Result<Response<PooledBody>, BoxError> {
+) -> Result<Response<UpstreamBody>, BoxError> {
     std::future::poll_fn(|cx| tower::Service::poll_ready(&mut stack, cx)).await?;
     tower::Service::call(&mut stack, request).await
 }
@@ -326,7 +326,7 @@ fn attempt_request(
 
 /// The upstream's response for the client: hop-by-hop headers removed,
 /// `x-switchyard-upstream` added, the body streamed through untouched.
-fn finish(response: Response<PooledBody>, instance: &Instance) -> Response<Body> {
+fn finish(response: Response<UpstreamBody>, instance: &Instance) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(

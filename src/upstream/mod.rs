@@ -9,9 +9,12 @@
 //! - [`connect`]: resolving the instance's host and opening the TCP
 //!   connection, with the connect timeout and `TCP_NODELAY`, to addresses
 //!   the [`policy`] allows.
-//! - [`pool`]: idle connections, reuse, and the body that returns them.
+//! - [`h1`]: one HTTP/1.1 connection, driven by the request's own task,
+//!   and the response body that reads from it.
+//! - [`pool`]: idle connections and their reuse.
 
 pub mod connect;
+pub mod h1;
 pub mod policy;
 pub mod pool;
 
@@ -23,7 +26,8 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 
 use crate::body::Body;
-pub use pool::{Pool, PoolSettings, PooledBody};
+pub use h1::UpstreamBody;
+pub use pool::{Pool, PoolSettings};
 
 thread_local! {
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -48,7 +52,7 @@ pub enum UpstreamError {
     /// The instance's address is outside the upstream policy: nothing was sent.
     Forbidden(connect::ConnectError),
     /// The request went out (or may have) and no proper response came back.
-    Broken(hyper::Error),
+    Broken(crate::body::BoxError),
 }
 
 impl UpstreamError {
@@ -86,7 +90,7 @@ impl std::error::Error for UpstreamError {
         match self {
             Self::Connect(e) => Some(e),
             Self::Forbidden(e) => Some(e),
-            Self::Broken(e) => Some(e),
+            Self::Broken(e) => Some(&**e),
         }
     }
 }
@@ -105,7 +109,7 @@ impl PoolService {
 }
 
 impl tower::Service<Request<Body>> for PoolService {
-    type Response = Response<PooledBody>;
+    type Response = Response<UpstreamBody>;
     type Error = UpstreamError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, UpstreamError>> + Send>>;
 

@@ -8,24 +8,17 @@
 //! HTTP/1 cannot abandon a message half-read and reuse the connection.
 //!
 //! A pooled connection the instance closed meanwhile is noticed before use
-//! (`is_closed`), or when hyper hands the request back unsent; the request
-//! then goes out on the next connection, so keep-alive races never cost a
-//! request that was not sent.
+//! (its socket turned readable while idle), or when not a byte of the
+//! request could be written; the request then goes out on the next
+//! connection, so keep-alive expiry does not cost a request never sent.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
+use super::h1::{Connection, SendError, UpstreamBody};
 use super::policy::UpstreamPolicy;
 use super::{UpstreamError, connect};
 use crate::body::Body;
@@ -57,7 +50,7 @@ impl PoolSettings {
 }
 
 struct Idle {
-    sender: SendRequest<Body>,
+    conn: Connection,
     since: Instant,
 }
 
@@ -93,27 +86,17 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<Body>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        while let Some(mut sender) = self.checkout() {
-            // Idle connections had their last response read to the end; one
-            // not flagged ready yet only waits for its task to notice.
-            if !sender.is_ready() && sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.wrap(response, sender)),
-                Err(mut e) => match e.take_message() {
-                    // Never written: the connection was closing. Next one.
-                    Some(unsent) => request = unsent,
-                    None => return Err(UpstreamError::Broken(e.into_error())),
-                },
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        while let Some(conn) = self.checkout() {
+            match conn.send(request, Some(self.clone())).await {
+                Ok(response) => return Ok(response),
+                // Nothing went out on a connection that had died: next one.
+                Err(SendError::Unsent(unsent, _)) => request = *unsent,
+                Err(SendError::Failed(e)) => return Err(UpstreamError::Broken(e)),
             }
         }
-        let mut sender = self.open().await?;
-        match sender.try_send_request(request).await {
-            Ok(response) => Ok(self.wrap(response, sender)),
-            Err(e) => Err(UpstreamError::Broken(e.into_error())),
-        }
+        let conn = self.open().await?;
+        conn.send(request, Some(self.clone())).await.map_err(broken)
     }
 
     /// Sends `request` on a connection of its own, closed afterwards: for
@@ -122,12 +105,9 @@ impl Pool {
     pub async fn send_once(
         &self,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.open().await?;
-        sender
-            .try_send_request(request)
-            .await
-            .map_err(|e| UpstreamError::Broken(e.into_error()))
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let conn = self.open().await?;
+        conn.send(request, None).await.map_err(broken)
     }
 
     /// Idle connections now (for tests and diagnostics).
@@ -135,39 +115,38 @@ impl Pool {
         self.lock().len()
     }
 
-    /// Drops idle connections that are closed or past the idle timeout.
+    /// Drops idle connections past the idle timeout or closed by the instance.
     pub fn prune(&self) {
         let now = Instant::now();
         let timeout = self.settings.idle_timeout;
         self.lock()
-            .retain(|idle| !idle.sender.is_closed() && now - idle.since < timeout);
+            .retain_mut(|idle| now - idle.since < timeout && idle.conn.is_reusable());
     }
 
-    fn checkout(&self) -> Option<SendRequest<Body>> {
+    /// The most recently used idle connection that is still fit for use.
+    fn checkout(&self) -> Option<Connection> {
         let now = Instant::now();
         let mut idle = self.lock();
-        while let Some(Idle { sender, since }) = idle.pop() {
-            if !sender.is_closed() && now - since < self.settings.idle_timeout {
-                return Some(sender);
+        while let Some(Idle { mut conn, since }) = idle.pop() {
+            if now - since < self.settings.idle_timeout && conn.is_reusable() {
+                return Some(conn);
             }
         }
         None
     }
 
-    fn checkin(&self, sender: SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Takes back a connection whose response was read to its end.
+    pub(super) fn checkin(&self, conn: Connection) {
         let mut idle = self.lock();
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    async fn open(&self) -> Result<SendRequest<Body>, UpstreamError> {
+    async fn open(&self) -> Result<Connection, UpstreamError> {
         let settings = &self.settings;
         let stream = connect::connect(
             &self.host,
@@ -176,32 +155,7 @@ impl Pool {
             &settings.policy,
         )
         .await?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
-        let (host, port) = (self.host.clone(), self.port);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%host, port, error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
-    }
-
-    fn wrap(
-        self: &Arc<Self>,
-        response: Response<Incoming>,
-        sender: SendRequest<Body>,
-    ) -> Response<PooledBody> {
-        let done = http_body::Body::is_end_stream(response.body());
-        let slot = if done {
-            self.checkin(sender);
-            None
-        } else {
-            Some((self.clone(), sender))
-        };
-        response.map(|inner| PooledBody { inner, slot })
+        Ok(Connection::new(stream))
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
@@ -211,46 +165,9 @@ impl Pool {
     }
 }
 
-pin_project! {
-    /// A response body that gives its connection back to the pool when it
-    /// has been read to the end.
-    pub struct PooledBody {
-        #[pin]
-        inner: Incoming,
-        slot: Option<(Arc<Pool>, SendRequest<Body>)>,
-    }
-}
-
-impl http_body::Body for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        // A reader that knows the length stops at the last byte and never
-        // polls for the end: the connection goes back with the last frame.
-        let ended = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            _ => false,
-        };
-        if ended {
-            if let Some((pool, sender)) = this.slot.take() {
-                pool.checkin(sender);
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+fn broken(e: SendError) -> UpstreamError {
+    match e {
+        SendError::Unsent(_, e) => UpstreamError::Broken(e.into()),
+        SendError::Failed(e) => UpstreamError::Broken(e),
     }
 }

@@ -1,0 +1,313 @@
+//! The gateway's HTTP/1.1 client against scripted upstreams that answer with
+//! raw bytes: every way a response can be framed, and connections the
+//! upstream closes.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{TestGateway, eventually};
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const QUIET: &str = "[health_check]\ninterval = \"0s\"\n";
+
+/// What a scripted upstream does with one request: the bytes to answer
+/// with (written in pieces of `chunk` bytes) and whether to close after.
+struct Answer {
+    bytes: Vec<u8>,
+    close: bool,
+    chunk: usize,
+}
+
+fn answer(bytes: &str) -> Answer {
+    Answer {
+        bytes: bytes.as_bytes().to_vec(),
+        close: false,
+        chunk: usize::MAX,
+    }
+}
+
+/// An upstream that reads each request (head and Content-Length body) and
+/// answers as `script` says; counts connections.
+struct Scripted {
+    url: String,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Scripted {
+    async fn start(script: impl Fn(&str) -> Answer + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (count, script) = (connections.clone(), Arc::new(script));
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let Some(head_end) = read_head(&mut stream, &mut buf).await else {
+                            return;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        while buf.len() < head_end + 4 + length {
+                            let mut more = [0u8; 8192];
+                            match stream.read(&mut more).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&more[..n]),
+                            }
+                        }
+                        buf.drain(..head_end + 4 + length);
+                        let reply = script(&head);
+                        for piece in reply.bytes.chunks(reply.chunk.max(1)) {
+                            if stream.write_all(piece).await.is_err() {
+                                return;
+                            }
+                            if reply.chunk != usize::MAX {
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                        if reply.close {
+                            let _ = stream.shutdown().await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { url, connections }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn read_head(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(end);
+        }
+        let mut more = [0u8; 8192];
+        match stream.read(&mut more).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&more[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn chunked_responses_are_decoded_with_extensions_and_trailers() {
+    let gw = TestGateway::start(QUIET).await;
+    let up = Scripted::start(|_| Answer {
+        chunk: 3,
+        ..answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 999\r\n\r\n5;name=value\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Checksum: 1\r\n\r\n")
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    for _ in 0..3 {
+        let reply = gw.get("/call/svc/x").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "hello world");
+    }
+    assert_eq!(up.connections(), 1, "reused after each chunked body");
+}
+
+#[tokio::test]
+async fn bodiless_responses_keep_the_connection() {
+    let gw = TestGateway::start(QUIET).await;
+    let up = Scripted::start(|head| {
+        if head.starts_with("HEAD") {
+            answer("HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Kind: head\r\n\r\n")
+        } else if head.contains("/nothing") {
+            answer("HTTP/1.1 204 No Content\r\n\r\n")
+        } else if head.contains("/same") {
+            answer("HTTP/1.1 304 Not Modified\r\nETag: \"1\"\r\n\r\n")
+        } else {
+            answer("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        }
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    for _ in 0..3 {
+        let reply = gw.request(Method::HEAD, "/call/svc/x", "", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.header("content-length"), Some("100"));
+        assert!(reply.body.is_empty());
+        assert_eq!(
+            gw.get("/call/svc/nothing").await.status,
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(
+            gw.get("/call/svc/same").await.status,
+            StatusCode::NOT_MODIFIED
+        );
+        assert_eq!(gw.get("/call/svc/body").await.text(), "ok");
+    }
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused() {
+    let gw = TestGateway::start(QUIET).await;
+    let up = Scripted::start(|head| Answer {
+        close: true,
+        chunk: 4,
+        ..if head.contains("/old") {
+            answer("HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nolder")
+        } else {
+            answer("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the very end")
+        }
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    assert_eq!(gw.get("/call/svc/x").await.text(), "until the very end");
+    assert_eq!(gw.get("/call/svc/old").await.text(), "older");
+    assert_eq!(gw.get("/call/svc/x").await.text(), "until the very end");
+    assert_eq!(up.connections(), 3);
+}
+
+#[tokio::test]
+async fn interim_responses_are_skipped() {
+    let gw = TestGateway::start(QUIET).await;
+    let up = Scripted::start(|_| {
+        answer("HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone")
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    let reply = gw.request(Method::POST, "/call/svc/x", "data", &[]).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(reply.text(), "done");
+}
+
+#[tokio::test]
+async fn broken_framing_from_an_upstream_is_a_502() {
+    let gw = TestGateway::start(QUIET).await;
+    for bad in [
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+        "HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\nabc",
+        "HTTP/1.1 2000 Odd\r\n\r\n",
+        "garbage\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+    ] {
+        let up = Scripted::start(move |_| Answer {
+            close: true,
+            ..answer(bad)
+        })
+        .await;
+        gw.register("svc", &up.url).await;
+        let reply = gw.request(Method::POST, "/call/svc/x", "", &[]).await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{bad:?}");
+        assert_eq!(reply.error_code(), "upstream_error", "{bad:?}");
+        gw.delete("/services/svc").await;
+    }
+}
+
+#[tokio::test]
+async fn a_response_cut_short_is_an_error_for_the_client() {
+    let gw = TestGateway::start(QUIET).await;
+    let up = Scripted::start(|_| Answer {
+        close: true,
+        ..answer("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    let request = http::Request::get(gw.url("/call/svc/x"))
+        .body(Default::default())
+        .unwrap();
+    // The client must never take the truncated body for a whole one: the
+    // exchange breaks, before the head or inside the body.
+    let whole = match gw.client.request(request).await {
+        Ok(response) => http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(!whole);
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_upstream_closed_is_not_used() {
+    let gw = TestGateway::start(QUIET).await;
+    // Answers keep-alive, then closes the idle connection soon after.
+    let up = Scripted::start(|_| Answer {
+        close: true,
+        ..answer("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    let service = gw.gateway.registry().get("svc").unwrap();
+    let pool = service.instances()[0].pool().clone();
+    for _ in 0..10 {
+        // A POST is never retried: it must not be sent on a dead connection.
+        let reply = gw
+            .request(Method::POST, "/call/svc/x", "payload", &[])
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        // The connection went back to the pool and the upstream closes it:
+        // wait until the gateway has seen that, then go again.
+        eventually(
+            Duration::from_secs(5),
+            "the closed connection noticed",
+            || {
+                let pool = pool.clone();
+                async move {
+                    pool.prune();
+                    pool.idle_count() == 0
+                }
+            },
+        )
+        .await;
+    }
+    assert_eq!(up.connections(), 10);
+}
+
+#[tokio::test]
+async fn an_early_answer_to_a_large_upload_is_passed_back() {
+    let gw = TestGateway::start(QUIET).await;
+    // Answers 413 after the head and closes without reading the body.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if read_head(&mut stream, &mut buf).await.is_some() {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!")
+                        .await;
+                    let _ = stream.shutdown().await;
+                }
+            });
+        }
+    });
+    gw.register("svc", &url).await;
+    let big = vec![b'x'; 8 << 20];
+    let request = http::Request::post(gw.url("/call/svc/upload"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(big)))
+        .unwrap();
+    let reply = gw.send(request).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.text(), "too big!");
+}
