@@ -130,6 +130,7 @@ async fn probe(instance: &Instance, config: &HealthCheckConfig) -> bool {
             header::USER_AGENT,
             concat!("switchyard/", env!("CARGO_PKG_VERSION")),
         )
+        .header(header::CONNECTION, "close")
         .body(body::empty());
     let Ok(request) = request else {
         return false;
