@@ -8,6 +8,7 @@
 //! The modules, in the order a request meets them:
 //!
 //! - [`server`]: accept loop, connection limits, graceful shutdown.
+//! - [`framing`]: the request-framing check hyper leaves to us.
 //! - [`router`]: `/services*` → [`api`], `/call/*` → the proxy, `/healthz`.
 //! - [`api`]: the registry's REST handlers and their JSON shapes.
 //! - [`auth`]: the admin token that guards registry writes.
@@ -16,8 +17,10 @@
 //! - [`proxy`]: `/call/<service>/...`: forwarding, headers, the retry loop.
 //! - [`balance`]: picking an instance.
 //! - [`retry`]: retry decisions, the retry budget, the replay buffer.
-//! - [`upstream`]: per-instance keep-alive connection pools.
+//! - [`upstream`]: the upstream policy, per-instance keep-alive connection
+//!   pools and the HTTP/1.1 client that uses them.
 //! - [`error`]: the gateway's errors and the one place they become HTTP.
+//! - [`body`]: the one body type, and bounded body reading.
 //! - [`config`]: `gateway.toml`, defaults, environment overrides, validation.
 //! - [`gateway`]: the shared state handed to every connection.
 

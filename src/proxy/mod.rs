@@ -72,6 +72,8 @@ pub struct Proxy {
 enum AttemptError {
     /// The circuit refused at call time: nothing was sent, no attempt spent.
     Refused,
+    /// The client's streamed body stalled or broke while being sent.
+    ClientBody(ReadError),
     Failed(Failure),
 }
 
@@ -200,13 +202,12 @@ impl Proxy {
                     last_response = Some((response, instance.clone()));
                     failure
                 }
-                Err(error) if body.fault().is_some() => {
-                    // The client's own body failed: its fault, not the instance's.
-                    let fault = body.fault().unwrap_or(ReadError::Stalled);
-                    tracing::debug!(service = service.name(), error = %error, "request body failed");
-                    return Err(body_error(fault));
-                }
-                Err(error) => match attempt_error(&error) {
+                Err(error) => match attempt_error(&error, &body) {
+                    AttemptError::ClientBody(fault) => {
+                        // The client's own body failed: its fault, not the instance's.
+                        tracing::debug!(service = service.name(), error = %error, "request body failed");
+                        return Err(body_error(fault));
+                    }
                     AttemptError::Refused => {
                         refused.push(instance);
                         continue;
@@ -336,9 +337,12 @@ fn finish(response: Response<UpstreamBody>, instance: &Instance) -> Response<Bod
     Response::from_parts(parts, body::boxed(body))
 }
 
-fn attempt_error(error: &BoxError) -> AttemptError {
+fn attempt_error(error: &BoxError, body: &RequestBody) -> AttemptError {
     if error.is::<CircuitOpen>() {
         return AttemptError::Refused;
+    }
+    if let Some(fault) = body.fault() {
+        return AttemptError::ClientBody(fault);
     }
     if error.is::<TimedOut>() {
         return AttemptError::Failed(Failure::Timeout);
