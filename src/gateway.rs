@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -15,6 +16,8 @@ pub struct Gateway {
     registry: Registry,
     proxy: Proxy,
     background: CancellationToken,
+    /// One permit per client connection allowed (`limits.max_connections`).
+    connection_slots: Arc<Semaphore>,
 }
 
 impl Gateway {
@@ -37,11 +40,13 @@ impl Gateway {
         let checker = HealthChecker::new(background.clone());
         let registry = Registry::new(config.clone(), checker);
         let proxy = Proxy::new(&config, seed);
+        let connection_slots = Arc::new(Semaphore::new(config.limits.max_connections as usize));
         let gateway = Arc::new(Self {
             config,
             registry,
             proxy,
             background,
+            connection_slots,
         });
         if let Err(e) = gateway.registry.register_static() {
             gateway.stop_background();
@@ -60,6 +65,11 @@ impl Gateway {
 
     pub fn proxy(&self) -> &Proxy {
         &self.proxy
+    }
+
+    /// The client-connection permits every worker's accept loop takes from.
+    pub fn connection_slots(&self) -> &Arc<Semaphore> {
+        &self.connection_slots
     }
 
     /// Stops every health checker; the server calls it on shutdown.

@@ -17,7 +17,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
@@ -69,7 +68,8 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes);
 
-    let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
+    // Shared by every worker: the limit is the gateway's, not each worker's.
+    let connections = gateway.connection_slots().clone();
     let graceful = GracefulShutdown::new();
     // Cancelled when the grace period is over: ends connections still open.
     let hard_stop = CancellationToken::new();

@@ -393,3 +393,47 @@ fn listening_beyond_loopback_without_a_token_warns() {
     let _ = child.wait();
     assert!(warned);
 }
+
+#[test]
+fn max_connections_holds_across_workers() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("maxconn");
+    dir.file(
+        "gateway.toml",
+        "[gateway]\nworkers = 3\n[limits]\nmax_connections = 2\n",
+    );
+    let (running, addr) = Running::start(&dir, &[("SERVICE_PORT", "0")]);
+    let ask = |stream: &mut std::net::TcpStream| {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    };
+    let mut first = std::net::TcpStream::connect(&addr).unwrap();
+    let mut second = std::net::TcpStream::connect(&addr).unwrap();
+    ask(&mut first);
+    ask(&mut second);
+    // Whichever worker the kernel hands it to, a third waits its turn.
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    assert!(
+        third.read(&mut buf).is_err(),
+        "served beyond max_connections"
+    );
+    drop(first);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = third.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    drop((second, third));
+    assert_eq!(running.terminate().code(), Some(0));
+}
