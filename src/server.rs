@@ -76,12 +76,6 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
     let mut shutdown = std::pin::pin!(shutdown);
 
     loop {
-        // Past `max_connections`, new connections wait in the kernel's backlog.
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => permit,
-            () = &mut shutdown => break,
-        };
-        let Ok(permit) = permit else { break };
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -93,6 +87,23 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
                 }
             },
             () = &mut shutdown => break,
+        };
+        // Past `max_connections`, a new connection waits for a slot (and the
+        // ones behind it in the kernel's backlog). Accepting first matters
+        // with several workers: a connection the kernel queued on one worker
+        // must not wait for a slot another worker holds while idle in accept.
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                tracing::debug!(%remote, "max_connections reached: connection waits for a slot");
+                tokio::select! {
+                    permit = connections.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
         };
         let _ = stream.set_nodelay(true);
         let framing = Arc::new(FramingLog::default());
