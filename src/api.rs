@@ -55,7 +55,7 @@ where
         [] if method == Method::POST => register(registry, request).await,
         [] => Err(GatewayError::method_not_allowed("GET, HEAD, POST")),
         [name] if get => {
-            let entry = service(registry, name)?;
+            let entry = registry.service(name)?;
             Ok(json(StatusCode::OK, &ServiceView::of(&entry)))
         }
         [name] if method == Method::DELETE => {
@@ -69,7 +69,7 @@ where
         }
         [_, "health"] => Err(GatewayError::method_not_allowed("GET, HEAD")),
         [name, "instances"] if get => {
-            let entry = service(registry, name)?;
+            let entry = registry.service(name)?;
             let views: Vec<_> = entry
                 .instances()
                 .iter()
@@ -79,13 +79,8 @@ where
         }
         [_, "instances"] => Err(GatewayError::method_not_allowed("GET, HEAD")),
         [name, "instances", id] if get => {
-            let entry = service(registry, name)?;
-            let instance = entry
-                .instances()
-                .iter()
-                .find(|i| i.id() == *id)
-                .ok_or_else(|| instance_not_found(name, id))?;
-            Ok(json(StatusCode::OK, &InstanceView::of(instance)))
+            let entry = registry.service(name)?;
+            Ok(json(StatusCode::OK, &InstanceView::of(entry.instance(id)?)))
         }
         [name, "instances", id] if method == Method::DELETE => {
             registry.remove_instance(name, id)?;
@@ -118,7 +113,7 @@ async fn health(
     name: &str,
     refresh: bool,
 ) -> Result<Response<Body>, GatewayError> {
-    let mut entry = service(registry, name)?;
+    let mut entry = registry.service(name)?;
     if refresh {
         // Concurrently; the checker bounds checks gateway-wide. Dropping the
         // set (the client went away) aborts the checks still running.
@@ -131,7 +126,7 @@ async fn health(
         }
         while checks.join_next().await.is_some() {}
         // Instances may have come or gone while checking.
-        entry = service(registry, name)?;
+        entry = registry.service(name)?;
     }
     let status = if entry.has_routable(Instant::now()) {
         StatusCode::OK
@@ -243,22 +238,6 @@ fn body_too_large() -> GatewayError {
     GatewayError::new(
         ErrorCode::BodyTooLarge,
         format!("registry request bodies are limited to {MAX_REGISTRY_BODY} bytes"),
-    )
-}
-
-fn service(registry: &Registry, name: &str) -> Result<std::sync::Arc<ServiceEntry>, GatewayError> {
-    registry.get(name).ok_or_else(|| {
-        GatewayError::new(
-            ErrorCode::ServiceNotFound,
-            format!("no service named {name:?}"),
-        )
-    })
-}
-
-fn instance_not_found(name: &str, id: &str) -> GatewayError {
-    GatewayError::new(
-        ErrorCode::InstanceNotFound,
-        format!("service {name:?} has no instance {id:?}"),
     )
 }
 

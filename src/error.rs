@@ -135,10 +135,6 @@ impl GatewayError {
         self.code
     }
 
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-
     /// The response: status, JSON body, `x-switchyard-error`, and the extra
     /// headers the code calls for (`Allow`, `Retry-After`, `WWW-Authenticate`).
     pub fn into_response(self) -> Response<Body> {

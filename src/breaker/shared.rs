@@ -88,10 +88,6 @@ pub struct Permit {
 }
 
 impl Permit {
-    pub fn is_probe(&self) -> bool {
-        self.admission.is_some_and(|a| a.is_probe())
-    }
-
     pub fn success(mut self) {
         if let Some(admission) = self.admission.take() {
             let transition = self.breaker.lock().on_success(admission);

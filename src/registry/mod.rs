@@ -61,17 +61,19 @@ impl ServiceEntry {
         &self.instances
     }
 
-    /// `healthy` if any instance is, `unhealthy` if all are, else `unknown`.
-    pub fn status(&self) -> HealthStatus {
-        HealthStatus::of_service(self.instances.iter().map(|i| i.status()))
+    /// The instance `id`, or 404 `instance_not_found`.
+    pub fn instance(&self, id: &str) -> Result<&Arc<Instance>, GatewayError> {
+        self.instances
+            .iter()
+            .find(|i| i.id() == id)
+            .ok_or_else(|| instance_not_found(&self.name, id))
     }
 
-    /// Whether any instance would take a request now: not unhealthy, and its
-    /// circuit admits.
+    /// Whether any instance would take a request now.
     pub fn has_routable(&self, now: Instant) -> bool {
         self.instances
             .iter()
-            .any(|i| i.status() != HealthStatus::Unhealthy && i.breaker().would_admit(now))
+            .any(|i| crate::balance::routable(i, now))
     }
 
     fn with_instances(&self, instances: Vec<Arc<Instance>>) -> Self {
@@ -138,6 +140,11 @@ impl Registry {
     /// The service named `name`, as of now. Never blocks.
     pub fn get(&self, name: &str) -> Option<Arc<ServiceEntry>> {
         self.services.pin().get(name).cloned()
+    }
+
+    /// The service named `name`, or 404 `service_not_found`.
+    pub fn service(&self, name: &str) -> Result<Arc<ServiceEntry>, GatewayError> {
+        self.get(name).ok_or_else(|| service_not_found(name))
     }
 
     /// Every service, sorted by name.
@@ -263,10 +270,7 @@ impl Registry {
         let services = self.services.pin();
         let service = services.get(name).ok_or_else(|| service_not_found(name))?;
         let Some(at) = service.instances.iter().position(|i| i.id() == id) else {
-            return Err(GatewayError::new(
-                ErrorCode::InstanceNotFound,
-                format!("service {name:?} has no instance {id:?}"),
-            ));
+            return Err(instance_not_found(name, id));
         };
         let mut instances = service.instances.clone();
         let removed = instances.remove(at);
@@ -366,6 +370,13 @@ impl Registry {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+fn instance_not_found(name: &str, id: &str) -> GatewayError {
+    GatewayError::new(
+        ErrorCode::InstanceNotFound,
+        format!("service {name:?} has no instance {id:?}"),
+    )
 }
 
 fn service_not_found(name: &str) -> GatewayError {
