@@ -162,11 +162,8 @@ where
             ));
         }
     }
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // hyper has parsed Content-Length already: its size hint carries it.
+    let declared = request.body().size_hint().exact();
     if declared.is_some_and(|len| len > MAX_REGISTRY_BODY as u64) {
         return Err(body_too_large());
     }

@@ -142,7 +142,8 @@ impl Proxy {
             uri.authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let declared = content_length(&parts);
+        // hyper has parsed Content-Length already: its size hint carries it.
+        let declared = http_body::Body::size_hint(&body).exact();
         self.rng
             .with(|rng| headers::prepare_request(&mut parts.headers, peer, client_host, rng));
         headers::append_via(&mut parts.headers, &self.via);
@@ -352,14 +353,6 @@ fn attempt_error(error: &BoxError, body: &RequestBody) -> AttemptError {
         Some(e) if e.is_connect() => AttemptError::Failed(Failure::Connect),
         _ => AttemptError::Failed(Failure::Broken),
     }
-}
-
-fn content_length(parts: &Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }
 
 fn body_error(error: ReadError) -> GatewayError {
