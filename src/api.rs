@@ -120,9 +120,9 @@ async fn health(
         let mut checks = tokio::task::JoinSet::new();
         for instance in entry.instances() {
             let checker = registry.checker().clone();
-            let config = entry.policy().health_check.clone();
+            let policy = entry.policy().clone();
             let instance = instance.clone();
-            checks.spawn(async move { checker.check(&instance, &config).await });
+            checks.spawn(async move { checker.check(&instance, &policy.health_check).await });
         }
         while checks.join_next().await.is_some() {}
         // Instances may have come or gone while checking.

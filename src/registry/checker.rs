@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::instance::Instance;
 use crate::body;
-use crate::config::HealthCheckConfig;
+use crate::config::{HealthCheckConfig, ServicePolicy};
 
 /// Checks on the wire at once, gateway-wide.
 pub const MAX_CONCURRENT_CHECKS: usize = 256;
@@ -52,16 +52,18 @@ impl HealthChecker {
 
     /// Starts checking `instance` periodically, first now, until its stop
     /// token is cancelled. Does nothing when checks are disabled.
-    pub fn watch(&self, instance: Arc<Instance>, config: &HealthCheckConfig) {
-        if config.interval.is_zero() {
+    /// The task shares its service's policy rather than copying it: a large
+    /// registry has one task per instance.
+    pub fn watch(&self, instance: Arc<Instance>, policy: Arc<ServicePolicy>) {
+        let interval = policy.health_check.interval;
+        if interval.is_zero() {
             return;
         }
         let checker = self.clone();
-        let config = config.clone();
         let stop = instance.stop_token().clone();
         tokio::spawn(async move {
-            let interval = config.interval;
-            stop.run_until_cancelled(every(interval, || checker.check(&instance, &config)))
+            let config = &policy.health_check;
+            stop.run_until_cancelled(every(interval, || checker.check(&instance, config)))
                 .await;
         });
     }

@@ -46,7 +46,7 @@ impl ServiceEntry {
         &self.name
     }
 
-    pub fn policy(&self) -> &ServicePolicy {
+    pub fn policy(&self) -> &Arc<ServicePolicy> {
         &self.policy
     }
 
@@ -227,8 +227,7 @@ impl Registry {
                 Arc::new(service.with_instances(instances)),
             );
             if url_changed {
-                self.checker
-                    .watch(instance.clone(), &service.policy.health_check);
+                self.checker.watch(instance.clone(), service.policy.clone());
             }
             return Ok(Registered::Existing(instance));
         }
@@ -259,8 +258,7 @@ impl Registry {
         );
         self.instance_count.fetch_add(1, Ordering::Relaxed);
         tracing::info!(service = %name, instance = instance.id(), url = instance.url().as_str(), "instance registered");
-        self.checker
-            .watch(instance.clone(), &service.policy.health_check);
+        self.checker.watch(instance.clone(), service.policy.clone());
         Ok(Registered::Created(instance))
     }
 
