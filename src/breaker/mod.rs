@@ -21,7 +21,7 @@ pub mod state;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::Response;
 use tower::Service;
 
 use crate::body::BoxError;
@@ -44,9 +44,9 @@ impl<S> CircuitBreaker<S> {
     }
 }
 
-impl<S, B, RB> Service<Request<B>> for CircuitBreaker<S>
+impl<S, Req, RB> Service<Req> for CircuitBreaker<S>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Req, Response = Response<RB>>,
     S::Error: Into<BoxError>,
 {
     type Response = Response<RB>;
@@ -59,7 +59,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Req) -> Self::Future {
         match self.breaker.try_admit() {
             Ok(permit) => ResponseFuture::called(self.inner.call(request), permit),
             Err(refused) => ResponseFuture::refused(CircuitOpen {
@@ -90,6 +90,7 @@ pub fn classify<RB, E>(result: &Result<Response<RB>, E>) -> Outcome {
 mod tests {
     use super::*;
     use crate::config::CircuitBreakerConfig;
+    use http::Request;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
     use tokio::sync::oneshot;

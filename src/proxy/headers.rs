@@ -42,7 +42,7 @@ impl Peer {
     }
 }
 
-/// The fixed hop-by-hop headers, each with its bit in a found-set.
+/// The fixed hop-by-hop headers (RFC 9110 §7.6.1).
 static HOP_BY_HOP: [&HeaderName; 7] = [
     &header::CONNECTION,
     &KEEP_ALIVE,
@@ -53,86 +53,101 @@ static HOP_BY_HOP: [&HeaderName; 7] = [
     &header::UPGRADE,
 ];
 
-/// Removes the hop-by-hop headers of RFC 9110 §7.6.1.
-///
-/// One pass over the names finds which are present (most messages carry
-/// none, or only `Connection: keep-alive`); only those are removed, plus
-/// any other header `Connection` names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut found = 0u8;
-    for name in headers.keys() {
-        if let Some(bit) = HOP_BY_HOP.iter().position(|hop| *hop == name) {
-            found |= 1 << bit;
-        }
-    }
-    if found == 0 {
-        return;
-    }
-    if found & 1 != 0 {
-        // Usually just "keep-alive" or "close", which name no other header.
-        let tokens = || {
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|value| value.to_str().ok())
-                .flat_map(|value| value.split(','))
-                .map(str::trim)
-                .filter(|token| {
-                    !token.eq_ignore_ascii_case("keep-alive")
-                        && !token.eq_ignore_ascii_case("close")
-                })
-        };
-        if tokens().next().is_some() {
-            let listed: Vec<HeaderName> = tokens()
-                .filter_map(|token| HeaderName::try_from(token).ok())
-                .collect();
-            for name in listed {
-                headers.remove(name);
-            }
-        }
-    }
-    for (bit, name) in HOP_BY_HOP.iter().enumerate() {
-        if found & (1 << bit) != 0 {
-            headers.remove(*name);
-        }
-    }
+/// Whether `name` is one of the fixed hop-by-hop headers.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name)
 }
 
-/// Rewrites a client's request headers for forwarding, once per request
-/// (each attempt then sets `Host`, replacing the client's). `host` is the
-/// client's `Host` or URI authority.
-pub fn prepare_request<R: Rng + ?Sized>(
-    headers: &mut HeaderMap,
+/// The other headers a `Connection` value names (beyond `keep-alive` and
+/// `close`, which name none): hop-by-hop too. Usually none, and then
+/// nothing is allocated.
+pub fn listed_by_connection<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Vec<HeaderName> {
+    values
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|token| HeaderName::try_from(token).ok())
+        .collect()
+}
+
+/// The header fields an instance receives for a client's request, as
+/// `name: value\r\n` lines, encoded once per request and sent by every
+/// attempt after its request line and `Host`.
+///
+/// The client's fields go through in their order, minus the hop-by-hop ones
+/// (and those `Connection` names), `Host` (each attempt sets the
+/// instance's), `Expect` (this hop answered `100-continue` when it read the
+/// body), the framing headers (the upstream connection frames what it
+/// sends) and the ones rewritten here: `X-Forwarded-For` gets the client's
+/// address appended, `X-Forwarded-Proto` is set, `X-Forwarded-Host` becomes
+/// the client's `Host` (`host`), `X-Request-Id` is kept or made up, and
+/// `Via` gets this gateway's entry appended. Header values cannot hold CR
+/// or LF, so nothing a client sends can add a line of its own.
+pub fn forward_fields<R: Rng + ?Sized>(
+    headers: &HeaderMap,
     peer: &Peer,
-    host: Option<HeaderValue>,
+    host: Option<&HeaderValue>,
+    via: &HeaderValue,
     rng: &mut R,
-) {
-    strip_hop_by_hop(headers);
-    if headers.contains_key(header::EXPECT) {
-        // `Expect: 100-continue` was answered by this hop when the body was read.
-        headers.remove(header::EXPECT);
-    }
-    let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
-        Some(mut previous) => {
-            previous.extend_from_slice(b", ");
-            previous.extend_from_slice(peer.forwarded_for.as_bytes());
-            HeaderValue::from_bytes(&previous).unwrap_or_else(|_| peer.forwarded_for.clone())
+) -> Vec<u8> {
+    let listed = listed_by_connection(headers.get_all(header::CONNECTION).iter());
+    let mut out = Vec::with_capacity(256);
+    let mut has_request_id = false;
+    for (name, value) in headers {
+        let rewritten = *name == header::HOST
+            || *name == header::EXPECT
+            || *name == header::CONTENT_LENGTH
+            || *name == header::VIA
+            || *name == X_FORWARDED_FOR
+            || *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST;
+        if rewritten || is_hop_by_hop(name) || listed.contains(name) {
+            continue;
         }
-        None => peer.forwarded_for.clone(),
-    };
-    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    match host {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST.clone(), host);
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
+        has_request_id |= *name == X_REQUEST_ID;
+        field(&mut out, name.as_str(), &[value.as_bytes()]);
     }
-    if !headers.contains_key(&X_REQUEST_ID) {
-        headers.insert(X_REQUEST_ID.clone(), request_id(rng));
+    append_to_list(
+        &mut out,
+        &X_FORWARDED_FOR,
+        headers,
+        peer.forwarded_for.as_bytes(),
+    );
+    field(&mut out, X_FORWARDED_PROTO.as_str(), &[b"http"]);
+    if let Some(host) = host {
+        field(&mut out, X_FORWARDED_HOST.as_str(), &[host.as_bytes()]);
     }
+    if !has_request_id {
+        field(&mut out, X_REQUEST_ID.as_str(), &[&request_id(rng)]);
+    }
+    append_to_list(&mut out, &header::VIA, headers, via.as_bytes());
+    out
+}
+
+/// Writes one `name: value\r\n` line, the value given in pieces.
+fn field(out: &mut Vec<u8>, name: &str, value: &[&[u8]]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for piece in value {
+        out.extend_from_slice(piece);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes `name` as one list (RFC 9110 §5.3): every value the client sent,
+/// then `entry`.
+fn append_to_list(out: &mut Vec<u8>, name: &HeaderName, headers: &HeaderMap, entry: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    for value in headers.get_all(name) {
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(entry);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Whether the request already passed through a gateway called `name`:
@@ -147,34 +162,9 @@ pub fn passed_through(headers: &HeaderMap, name: &str) -> bool {
         .any(|received_by| received_by.eq_ignore_ascii_case(name))
 }
 
-/// Adds this gateway's `Via` entry after any already there.
-pub fn append_via(headers: &mut HeaderMap, entry: &HeaderValue) {
-    let value = match joined(headers, &header::VIA) {
-        Some(mut previous) => {
-            previous.extend_from_slice(b", ");
-            previous.extend_from_slice(entry.as_bytes());
-            HeaderValue::from_bytes(&previous).unwrap_or_else(|_| entry.clone())
-        }
-        None => entry.clone(),
-    };
-    headers.insert(header::VIA, value);
-}
-
-/// Every value of `name`, joined with `, ` as one list (RFC 9110 §5.3).
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
-    let mut values = headers.get_all(name).iter();
-    let first = values.next()?;
-    let mut all = first.as_bytes().to_vec();
-    for value in values {
-        all.extend_from_slice(b", ");
-        all.extend_from_slice(value.as_bytes());
-    }
-    Some(all)
-}
-
 /// A random version 4 UUID, written without the formatting machinery (it
 /// runs on every request that arrives without an id).
-fn request_id<R: Rng + ?Sized>(rng: &mut R) -> HeaderValue {
+fn request_id<R: Rng + ?Sized>(rng: &mut R) -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits: u128 = rng.random();
     // Version 4, variant 10 (RFC 9562 §5.4).
@@ -188,7 +178,7 @@ fn request_id<R: Rng + ?Sized>(rng: &mut R) -> HeaderValue {
         nibble -= 1;
         *byte = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
+    id
 }
 
 #[cfg(test)]
@@ -208,50 +198,97 @@ mod tests {
         map
     }
 
+    /// The fields forwarded for `pairs`, read back as (name, value) lines.
+    fn forwarded(pairs: &[(&str, &str)], host: Option<&str>, peer: &str) -> Vec<(String, String)> {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let host = host.map(|h| HeaderValue::try_from(h).unwrap());
+        let out = forward_fields(
+            &headers(pairs),
+            &Peer::new(peer.parse().unwrap()),
+            host.as_ref(),
+            &HeaderValue::from_static("1.1 registry"),
+            &mut rng,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with("\r\n"), "{text:?}");
+        text.split_terminator("\r\n")
+            .map(|line| {
+                let (name, value) = line.split_once(": ").expect("name: value");
+                (name.to_string(), value.to_string())
+            })
+            .collect()
+    }
+
+    fn value<'a>(fields: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+        fields
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     #[test]
     fn hop_by_hop_and_connection_listed_headers_go() {
-        let mut h = headers(&[
-            ("connection", "keep-alive, X-Secret-Hop"),
-            ("connection", "close"),
-            ("x-secret-hop", "1"),
-            ("keep-alive", "timeout=5"),
-            ("proxy-connection", "keep-alive"),
-            ("te", "trailers"),
-            ("trailer", "x-checksum"),
-            ("transfer-encoding", "chunked"),
-            ("upgrade", "websocket"),
-            ("x-end-to-end", "stays"),
-            ("content-type", "text/plain"),
-        ]);
-        strip_hop_by_hop(&mut h);
-        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        names.sort_unstable();
-        assert_eq!(names, ["content-type", "x-end-to-end"]);
+        let fields = forwarded(
+            &[
+                ("connection", "keep-alive, X-Secret-Hop"),
+                ("connection", "close"),
+                ("x-secret-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-connection", "keep-alive"),
+                ("te", "trailers"),
+                ("trailer", "x-checksum"),
+                ("transfer-encoding", "chunked"),
+                ("content-length", "5"),
+                ("upgrade", "websocket"),
+                ("x-end-to-end", "stays"),
+                ("content-type", "text/plain"),
+                ("x-request-id", "r-1"),
+            ],
+            None,
+            "127.0.0.1:5000",
+        );
+        let names: Vec<_> = fields.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "x-end-to-end",
+                "content-type",
+                "x-request-id",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "via"
+            ]
+        );
+        assert!(is_hop_by_hop(&header::TRANSFER_ENCODING));
+        assert!(!is_hop_by_hop(&header::CONTENT_TYPE));
     }
 
     #[test]
     fn forwarding_headers_are_set_and_appended() {
-        let mut rng = SmallRng::seed_from_u64(1);
-        let mut h = headers(&[
-            ("host", "gateway.local:8080"),
-            ("x-forwarded-for", "203.0.113.7"),
-            ("x-forwarded-for", "10.0.0.2"),
-            ("x-forwarded-proto", "https"),
-            ("expect", "100-continue"),
-        ]);
-        let peer = Peer::new("127.0.0.1:5000".parse().unwrap());
-        prepare_request(
-            &mut h,
-            &peer,
-            Some(HeaderValue::from_static("gateway.local:8080")),
-            &mut rng,
+        let fields = forwarded(
+            &[
+                ("host", "gateway.local:8080"),
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-for", "10.0.0.2"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "spoofed"),
+                ("expect", "100-continue"),
+            ],
+            Some("gateway.local:8080"),
+            "127.0.0.1:5000",
         );
-        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2, 127.0.0.1");
-        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "gateway.local:8080");
-        assert!(!h.contains_key("expect"));
-        let id = h["x-request-id"].to_str().unwrap();
+        assert_eq!(
+            value(&fields, "x-forwarded-for"),
+            ["203.0.113.7, 10.0.0.2, 127.0.0.1"]
+        );
+        assert_eq!(value(&fields, "x-forwarded-proto"), ["http"]);
+        assert_eq!(value(&fields, "x-forwarded-host"), ["gateway.local:8080"]);
+        assert!(value(&fields, "expect").is_empty());
+        assert!(value(&fields, "host").is_empty(), "each attempt sets Host");
+        let ids = value(&fields, "x-request-id");
+        assert_eq!(ids.len(), 1);
+        let id = ids[0];
         assert_eq!(id.len(), 36);
         let dashes: Vec<_> = id.match_indices('-').map(|(i, _)| i).collect();
         assert_eq!(dashes, [8, 13, 18, 23], "{id}");
@@ -264,37 +301,41 @@ mod tests {
 
     #[test]
     fn an_existing_request_id_is_kept_and_ipv6_clients_are_written_plainly() {
-        let mut rng = SmallRng::seed_from_u64(1);
-        let mut h = headers(&[("x-request-id", "abc-123")]);
-        prepare_request(
-            &mut h,
-            &Peer::new("[::1]:5000".parse().unwrap()),
+        let fields = forwarded(
+            &[("x-request-id", "abc-123"), ("x-forwarded-host", "spoofed")],
             None,
-            &mut rng,
+            "[::1]:5000",
         );
-        assert_eq!(h["x-request-id"], "abc-123");
-        assert_eq!(h["x-forwarded-for"], "::1");
-        assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(value(&fields, "x-request-id"), ["abc-123"]);
+        assert_eq!(value(&fields, "x-forwarded-for"), ["::1"]);
+        assert!(value(&fields, "x-forwarded-host").is_empty());
     }
 
     #[test]
     fn via_entries_are_appended_and_loops_recognised() {
-        let mut h = headers(&[("via", "1.0 fred, 1.1 p.example.net (Apache/1.1)")]);
+        let h = headers(&[("via", "1.0 fred, 1.1 p.example.net (Apache/1.1)")]);
         assert!(!passed_through(&h, "registry"));
         assert!(passed_through(&h, "p.example.net"));
-        append_via(&mut h, &HeaderValue::from_static("1.1 registry"));
-        assert_eq!(
-            h["via"],
-            "1.0 fred, 1.1 p.example.net (Apache/1.1), 1.1 registry"
+        let fields = forwarded(
+            &[("via", "1.0 fred, 1.1 p.example.net (Apache/1.1)")],
+            None,
+            "127.0.0.1:1",
         );
+        let via = value(&fields, "via");
+        assert_eq!(
+            via,
+            ["1.0 fred, 1.1 p.example.net (Apache/1.1), 1.1 registry"]
+        );
+        let h = headers(&[("via", via[0])]);
         assert!(passed_through(&h, "registry"));
         assert!(
             passed_through(&h, "REGISTRY"),
             "names compare case-insensitively"
         );
-        let mut fresh = HeaderMap::new();
-        append_via(&mut fresh, &HeaderValue::from_static("1.1 registry"));
-        assert_eq!(fresh["via"], "1.1 registry");
+        assert_eq!(
+            value(&forwarded(&[], None, "127.0.0.1:1"), "via"),
+            ["1.1 registry"]
+        );
     }
 
     #[test]

@@ -23,7 +23,6 @@ pub mod path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::request::Parts;
 use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 use rand::Rng;
@@ -31,14 +30,16 @@ use rand::rngs::SmallRng;
 use tokio::time::Instant;
 
 use crate::balance;
-use crate::body::{self, Body, BoxError};
+use http_body_util::BodyExt;
+
+use crate::body::{Body, BoxError};
 use crate::breaker::{CircuitBreaker, CircuitOpen, CircuitState};
 use crate::config::Config;
 use crate::error::{ErrorCode, GatewayError};
 use crate::registry::{HealthStatus, Instance, Registry, ServiceEntry};
 use crate::retry::replay::{ReadError, RequestBody};
 use crate::retry::{self, Failure, RequestTraits};
-use crate::upstream::{PoolService, UpstreamBody, UpstreamError};
+use crate::upstream::{Outbound, PoolService, UpstreamBody, UpstreamError};
 pub use deadline::{AttemptTimeout, Deadline, TimedOut};
 use headers::Peer;
 use path::CallTarget;
@@ -137,16 +138,17 @@ impl Proxy {
         service.budget().deposit();
         let policy = &service.policy().retry;
 
-        let (mut parts, body) = request.into_parts();
+        let (parts, body) = request.into_parts();
         let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             uri.authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         // hyper has parsed Content-Length already: its size hint carries it.
         let declared = http_body::Body::size_hint(&body).exact();
-        self.rng
-            .with(|rng| headers::prepare_request(&mut parts.headers, peer, client_host, rng));
-        headers::append_via(&mut parts.headers, &self.via);
+        let declare_empty = parts.headers.contains_key(header::CONTENT_LENGTH);
+        let fields = self.rng.with(|rng| {
+            headers::forward_fields(&parts.headers, peer, client_host.as_ref(), &self.via, rng)
+        });
         let body = RequestBody::read(
             body,
             declared,
@@ -182,7 +184,14 @@ impl Proxy {
                     upload,
                 },
             };
-            let request = attempt_request(&parts, &instance, &target, attempt_body)?;
+            let mut request = Outbound::new(
+                parts.method.clone(),
+                &instance.url().target(target.rest, target.query),
+                instance.url().host_header(),
+                &fields,
+                attempt_body,
+            );
+            request.declare_empty |= declare_empty;
             let stack = CircuitBreaker::new(
                 AttemptTimeout::new(PoolService::new(instance.pool().clone()), attempt_deadline),
                 instance.breaker().clone(),
@@ -292,50 +301,22 @@ type InstanceStack = CircuitBreaker<AttemptTimeout<PoolService>>;
 /// over the boxed error's lifetime.
 async fn call(
     mut stack: InstanceStack,
-    request: Request<Body>,
+    request: Outbound,
 ) -> Result<Response<UpstreamBody>, BoxError> {
     std::future::poll_fn(|cx| tower::Service::poll_ready(&mut stack, cx)).await?;
     tower::Service::call(&mut stack, request).await
 }
 
-/// The request one attempt sends: the prepared head, the instance's URI and
-/// `Host`, HTTP/1.1 (the pool speaks HTTP/1 to upstreams whatever the client
-/// spoke).
-fn attempt_request(
-    parts: &Parts,
-    instance: &Instance,
-    target: &CallTarget<'_>,
-    body: Body,
-) -> Result<Request<Body>, GatewayError> {
-    let uri = instance
-        .url()
-        .origin_form(target.rest, target.query)
-        .map_err(|_| {
-            GatewayError::new(
-                ErrorCode::InvalidPath,
-                "the path cannot be forwarded as a URI",
-            )
-        })?;
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
-    let headers = request.headers_mut();
-    *headers = parts.headers.clone();
-    headers.insert(header::HOST, instance.url().host_header().clone());
-    Ok(request)
-}
-
-/// The upstream's response for the client: hop-by-hop headers removed,
-/// `x-switchyard-upstream` added, the body streamed through untouched.
+/// The upstream's response for the client (its connection fields already
+/// consumed by the upstream connection) with `x-switchyard-upstream`
+/// added, the body streamed through untouched.
 fn finish(response: Response<UpstreamBody>, instance: &Instance) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(
         headers::X_SWITCHYARD_UPSTREAM.clone(),
         instance.id_header().clone(),
     );
-    Response::from_parts(parts, body::boxed(body))
+    Response::from_parts(parts, body.boxed_unsync())
 }
 
 fn attempt_error(error: &BoxError, body: &RequestBody) -> AttemptError {

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{Request, header};
+use http::Method;
 use http_body_util::{BodyExt, Limited};
 use rand::RngExt;
 use tokio::sync::Semaphore;
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::instance::Instance;
 use crate::body;
 use crate::config::{HealthCheckConfig, ServicePolicy};
+use crate::upstream::Outbound;
 
 /// Checks on the wire at once, gateway-wide.
 pub const MAX_CONCURRENT_CHECKS: usize = 256;
@@ -123,20 +124,18 @@ async fn probe(instance: &Instance, config: &HealthCheckConfig) -> bool {
         None => (config.path.as_str(), None),
     };
     let url = instance.url();
-    let Ok(uri) = url.origin_form(path, query) else {
-        return false;
-    };
-    let request = Request::get(uri)
-        .header(header::HOST, url.host_header().clone())
-        .header(
-            header::USER_AGENT,
-            concat!("switchyard/", env!("CARGO_PKG_VERSION")),
-        )
-        .header(header::CONNECTION, "close")
-        .body(body::empty());
-    let Ok(request) = request else {
-        return false;
-    };
+    let fields = concat!(
+        "user-agent: switchyard/",
+        env!("CARGO_PKG_VERSION"),
+        "\r\nconnection: close\r\n"
+    );
+    let request = Outbound::new(
+        Method::GET,
+        &url.target(path, query),
+        url.host_header(),
+        fields.as_bytes(),
+        body::empty(),
+    );
     let exchange = async {
         let Ok(response) = instance.pool().send_once(request).await else {
             return false;

@@ -1,7 +1,7 @@
 //! What the registry accepts as a service name, an instance id and an
 //! instance URL (SPEC §3). Each check returns a sentence for the client.
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 
 /// Names: 1–63 characters of `a-z`, `0-9`, `-`, `_`, `.`, starting with a
@@ -173,25 +173,19 @@ impl InstanceUrl {
         &self.base_path
     }
 
-    /// The origin-form URI (`/base/rest?query`) for `rest` (a path starting
-    /// with `/`, or empty) and an optional query, as sent on the wire.
-    pub fn origin_form(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        let mut path = String::with_capacity(
-            self.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
-        );
-        path.push_str(&self.base_path);
-        if rest.is_empty() {
-            if path.is_empty() {
-                path.push('/');
-            }
+    /// The origin-form target (`/base/rest?query`) for `rest` (a path
+    /// starting with `/`, or empty) and an optional query, as sent on the
+    /// wire: in pieces, to be written one after the other.
+    pub fn target<'a>(&'a self, rest: &'a str, query: Option<&'a str>) -> [&'a str; 4] {
+        let rest = if rest.is_empty() && self.base_path.is_empty() {
+            "/"
         } else {
-            path.push_str(rest);
+            rest
+        };
+        match query {
+            Some(query) => [&self.base_path, rest, "?", query],
+            None => [&self.base_path, rest, "", ""],
         }
-        if let Some(query) = query {
-            path.push('?');
-            path.push_str(query);
-        }
-        Ok(Uri::from(PathAndQuery::try_from(path)?))
     }
 }
 
@@ -321,19 +315,16 @@ mod tests {
     }
 
     #[test]
-    fn origin_form_keeps_rest_and_query_byte_for_byte() {
+    fn targets_keep_rest_and_query_byte_for_byte() {
         let root = InstanceUrl::parse("http://h:1").unwrap();
-        assert_eq!(root.origin_form("", None).unwrap(), "/");
+        assert_eq!(root.target("", None).concat(), "/");
         assert_eq!(
-            root.origin_form("/a%20b/c", Some("x=%2F&y")).unwrap(),
+            root.target("/a%20b/c", Some("x=%2F&y")).concat(),
             "/a%20b/c?x=%2F&y"
         );
         let based = InstanceUrl::parse("http://h:1/api/").unwrap();
-        assert_eq!(based.origin_form("", None).unwrap(), "/api");
-        assert_eq!(
-            based.origin_form("/users", Some("")).unwrap(),
-            "/api/users?"
-        );
+        assert_eq!(based.target("", None).concat(), "/api");
+        assert_eq!(based.target("/users", Some("")).concat(), "/api/users?");
         let v6 = InstanceUrl::parse("http://[::1]:8").unwrap();
         assert_eq!((v6.host(), v6.port()), ("[::1]", 8));
         assert_eq!(InstanceUrl::parse("http://h").unwrap().port(), 80);

@@ -20,6 +20,10 @@
 //! dropped), by `Content-Length` (different values are an error), by the
 //! status or a `HEAD` request (no body), or by the connection closing;
 //! connections reused only after a persistent response read to its exact end.
+//! A response's connection-level fields (the hop-by-hop ones of RFC 9110
+//! §7.6.1) are taken in as its head is read and never passed on. Requests
+//! arrive with their head already encoded ([`Outbound`]), once per client
+//! request rather than rebuilt as a header map for every attempt.
 
 use std::io;
 use std::pin::Pin;
@@ -29,12 +33,13 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::Outbound;
 use super::pool::Pool;
 use crate::body::{Body, BoxError};
 
@@ -61,7 +66,7 @@ pub struct Connection {
 #[derive(Debug)]
 pub enum SendError {
     /// Not a byte of it was written: it can go out on another connection.
-    Unsent(Box<Request<Body>>, io::Error),
+    Unsent(Box<Outbound>, io::Error),
     /// The exchange failed once writing had begun.
     Failed(BoxError),
 }
@@ -106,16 +111,21 @@ impl Connection {
         }
     }
 
-    /// Sends `request` (origin-form URI, `Host` set, hop-by-hop headers
-    /// removed) and reads the response head. The response body reads from
-    /// this connection, and gives it back to `pool` (if any) at its end.
+    /// Sends `request` and reads the response head. The response body
+    /// reads from this connection, and gives it back to `pool` (if any) at
+    /// its end.
     pub async fn send(
         mut self,
-        request: Request<Body>,
+        request: Outbound,
         pool: Option<Arc<Pool>>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let (parts, mut body) = request.into_parts();
-        let head_request = parts.method == Method::HEAD;
+        let Outbound {
+            method,
+            mut head,
+            declare_empty,
+            mut body,
+        } = request;
+        let head_request = method == Method::HEAD;
         let size = body.size_hint().exact();
         let inline = match size {
             Some(n) if n <= COALESCE => {
@@ -130,22 +140,27 @@ impl Connection {
             _ => None,
         };
         let chunked = size.is_none();
-        let mut out = Vec::with_capacity(256 + inline.as_ref().map_or(0, Bytes::len));
-        encode_head(&mut out, &parts, size);
+        let fields_end = head.len();
+        encode_framing(&mut head, size, declare_empty);
         if let Some(data) = &inline {
-            out.extend_from_slice(data);
+            head.extend_from_slice(data);
         }
-        if let Err(e) = self.io.write_all(&out).await {
+        if let Err(e) = self.io.write_all(&head).await {
             // The connection was dead before anything of ours got through.
+            head.truncate(fields_end);
             let body = match inline {
                 Some(data) => crate::body::full(data),
                 None => body,
             };
-            return Err(SendError::Unsent(
-                Box::new(Request::from_parts(parts, body)),
-                e,
-            ));
+            let request = Outbound {
+                method,
+                head,
+                declare_empty,
+                body,
+            };
+            return Err(SendError::Unsent(Box::new(request), e));
         }
+        drop(head);
         if inline.is_none() {
             match self.write_body(body, chunked).await {
                 Ok(()) => {}
@@ -199,7 +214,7 @@ impl Connection {
     /// Reads until a complete final (non-1xx) response head.
     async fn read_head(&mut self, head_request: bool) -> Result<Head, BoxError> {
         loop {
-            if let Some(head) = self.parse_head(head_request)? {
+            if let Some(head) = parse_head(&mut self.read, head_request)? {
                 return Ok(head);
             }
             if self.read.len() > MAX_HEAD {
@@ -212,50 +227,72 @@ impl Connection {
             }
         }
     }
+}
 
-    /// Parses a head from the read buffer, skipping interim 1xx responses;
-    /// `None` until a whole final head is there.
-    fn parse_head(&mut self, head_request: bool) -> Result<Option<Head>, BoxError> {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut headers);
-            let len = match parsed.parse(&self.read)? {
-                httparse::Status::Complete(len) => len,
-                httparse::Status::Partial => return Ok(None),
-            };
-            let code = parsed.code.unwrap_or_default();
-            if (100..200).contains(&code) {
-                if code == 101 {
-                    return Err("the instance switched protocols; upgrades are not proxied".into());
-                }
-                self.read.advance(len);
-                continue;
+/// Parses a head from the read buffer, skipping interim 1xx responses;
+/// `None` until a whole final head is there.
+fn parse_head(read: &mut BytesMut, head_request: bool) -> Result<Option<Head>, BoxError> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let len = match parsed.parse(read)? {
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial => return Ok(None),
+        };
+        let code = parsed.code.unwrap_or_default();
+        if (100..200).contains(&code) {
+            if code == 101 {
+                return Err("the instance switched protocols; upgrades are not proxied".into());
             }
-            let version = if parsed.version == Some(0) {
-                Version::HTTP_10
-            } else {
-                Version::HTTP_11
-            };
-            let status = StatusCode::from_u16(code)?;
-            // Values are kept as slices of the head's bytes, not copied.
-            let base = self.read.as_ptr() as usize;
-            let mut fields = Vec::with_capacity(parsed.headers.len());
-            for h in parsed.headers.iter() {
-                let name = HeaderName::from_bytes(h.name.as_bytes())?;
-                let start = h.value.as_ptr() as usize - base;
-                fields.push((name, start..start + h.value.len()));
-            }
-            let head_bytes = self.read.split_to(len).freeze();
-            let mut map = HeaderMap::with_capacity(fields.len());
-            for (name, range) in fields {
-                map.append(
-                    name,
-                    HeaderValue::from_maybe_shared(head_bytes.slice(range))?,
-                );
-            }
-            return Ok(Some(Head::new(status, version, map, head_request)?));
+            read.advance(len);
+            continue;
         }
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let status = StatusCode::from_u16(code)?;
+        // Values are kept as slices of the head's bytes, not copied.
+        let base = read.as_ptr() as usize;
+        let mut fields = Vec::with_capacity(parsed.headers.len());
+        for h in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())?;
+            let start = h.value.as_ptr() as usize - base;
+            fields.push((name, start..start + h.value.len()));
+        }
+        let head_bytes = read.split_to(len).freeze();
+        let mut connection = ConnectionFields::default();
+        let mut map = HeaderMap::with_capacity(fields.len() + 1);
+        for (name, range) in fields {
+            let value = HeaderValue::from_maybe_shared(head_bytes.slice(range))?;
+            if connection.take(&name, &value)? {
+                map.append(name, value);
+            }
+        }
+        return Ok(Some(Head::new(
+            status,
+            version,
+            map,
+            connection,
+            head_request,
+        )?));
     }
+}
+
+/// Reads a complete response head from the front of `read` as the client
+/// gets it: the status and the end-to-end fields. The same code as the
+/// proxy's, for benchmarks; `None` until the head is complete.
+pub fn parse_response_head(
+    read: &mut BytesMut,
+    head_request: bool,
+) -> Result<Option<Response<()>>, BoxError> {
+    Ok(parse_head(read, head_request)?.map(|head| {
+        let mut response = Response::new(());
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        response
+    }))
 }
 
 /// Reads what the socket has into `read`; 0 means the instance closed.
@@ -270,39 +307,20 @@ fn poll_fill(
     tokio_util::io::poll_read_buf(Pin::new(io), cx, read)
 }
 
-fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, size: Option<u64>) {
-    out.extend_from_slice(parts.method.as_str().as_bytes());
-    out.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        // Framing is this hop's to decide, from the body it actually sends.
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+/// Ends a request head with the framing this hop chose from the body it
+/// sends (`Content-Length` when its size is known, else chunked) and the
+/// empty line. An empty body is declared only when `declare_empty`.
+fn encode_framing(out: &mut Vec<u8>, size: Option<u64>, declare_empty: bool) {
     match size {
-        Some(0)
-            if !declares_empty(&parts.method)
-                && !parts.headers.contains_key(header::CONTENT_LENGTH) => {}
+        Some(0) if !declare_empty => {}
         Some(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// Methods whose requests usually carry a body: an empty one is declared.
-fn declares_empty(method: &Method) -> bool {
-    matches!(*method, Method::POST | Method::PUT | Method::PATCH)
 }
 
 /// How a response body is delimited.
@@ -331,50 +349,76 @@ struct Head {
     persistent: bool,
 }
 
+/// What a response head's connection-level fields say. They are read as
+/// the head is, and not passed on: they are hop-by-hop (RFC 9110 §7.6.1),
+/// and this connection frames what the client gets.
+#[derive(Debug, Default)]
+struct ConnectionFields {
+    close: bool,
+    keep_alive: bool,
+    /// Other headers `Connection` names: hop-by-hop too.
+    listed: Vec<HeaderName>,
+    /// Whether the last transfer coding named is `chunked`.
+    chunked: Option<bool>,
+    length: Option<u64>,
+}
+
+impl ConnectionFields {
+    /// Takes in one response field; returns whether it goes on to the client.
+    fn take(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<bool, BoxError> {
+        if *name == header::CONNECTION {
+            for token in value.to_str().unwrap_or_default().split(',') {
+                let token = token.trim();
+                if token.eq_ignore_ascii_case("close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    self.keep_alive = true;
+                } else if let Ok(listed) = HeaderName::try_from(token) {
+                    self.listed.push(listed);
+                }
+            }
+            return Ok(false);
+        }
+        if *name == header::TRANSFER_ENCODING {
+            // The last coding decides: chunked, or something only the
+            // connection's end can delimit.
+            let last = value.to_str().ok().and_then(|v| v.rsplit(',').next());
+            self.chunked = Some(last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked")));
+            return Ok(false);
+        }
+        if *name == header::CONTENT_LENGTH {
+            let length = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or("the response has an invalid Content-Length")?;
+            return match self.length {
+                None => {
+                    self.length = Some(length);
+                    Ok(true)
+                }
+                Some(first) if first == length => Ok(false),
+                Some(_) => Err("the response has conflicting Content-Length values".into()),
+            };
+        }
+        Ok(!crate::proxy::headers::is_hop_by_hop(name))
+    }
+}
+
 impl Head {
     fn new(
         status: StatusCode,
         version: Version,
         mut headers: HeaderMap,
+        connection: ConnectionFields,
         head_request: bool,
     ) -> Result<Self, BoxError> {
-        let has_token = |name, wanted: &str| {
-            headers
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|t| t.trim().eq_ignore_ascii_case(wanted))
-        };
-        let close = has_token(header::CONNECTION, "close");
-        let keep_alive = has_token(header::CONNECTION, "keep-alive");
-        let mut persistent = !close && (version == Version::HTTP_11 || keep_alive);
-        // The last coding decides: chunked, or something only the
-        // connection's end can delimit.
-        let chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .map(|v| {
-                v.to_str()
-                    .ok()
-                    .and_then(|v| v.rsplit(',').next())
-                    .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
-            });
-        let mut lengths = headers
-            .get_all(header::CONTENT_LENGTH)
-            .iter()
-            .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()));
-        let length = match lengths.next() {
-            None => None,
-            Some(None) => return Err("the response has an invalid Content-Length".into()),
-            Some(Some(first)) => {
-                if lengths.any(|other| other != Some(first)) {
-                    return Err("the response has conflicting Content-Length values".into());
-                }
-                Some(first)
-            }
-        };
+        for name in &connection.listed {
+            headers.remove(name);
+        }
+        let mut persistent =
+            !connection.close && (version == Version::HTTP_11 || connection.keep_alive);
+        let (chunked, length) = (connection.chunked, connection.length);
         let bodiless = head_request
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -615,20 +659,66 @@ mod tests {
         headers: &[(&str, &str)],
         head_request: bool,
     ) -> Result<(Framing, bool), BoxError> {
+        let head = head_of(status, version, headers, head_request)?;
+        Ok((head.framing, head.persistent))
+    }
+
+    fn head_of(
+        status: u16,
+        version: Version,
+        headers: &[(&str, &str)],
+        head_request: bool,
+    ) -> Result<Head, BoxError> {
+        let mut connection = ConnectionFields::default();
         let mut map = HeaderMap::new();
         for (name, value) in headers {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
+            let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            let value = HeaderValue::from_str(value).unwrap();
+            if connection.take(&name, &value)? {
+                map.append(name, value);
+            }
         }
-        let head = Head::new(
+        Head::new(
             StatusCode::from_u16(status).unwrap(),
             version,
             map,
+            connection,
             head_request,
-        )?;
-        Ok((head.framing, head.persistent))
+        )
+    }
+
+    #[test]
+    fn hop_by_hop_response_fields_are_not_passed_on() {
+        let head = head_of(
+            200,
+            Version::HTTP_11,
+            &[
+                ("connection", "keep-alive, X-Secret-Hop"),
+                ("x-secret-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-connection", "keep-alive"),
+                ("trailer", "x-checksum"),
+                ("transfer-encoding", "chunked"),
+                ("content-length", "7"),
+                ("upgrade", "h2c"),
+                ("server", "nginx"),
+                ("content-type", "text/plain"),
+            ],
+            false,
+        )
+        .unwrap();
+        let mut names: Vec<_> = head.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "server"]);
+        assert_eq!(head.framing, Framing::Chunked(Chunk::Size));
+        let head = head_of(
+            200,
+            Version::HTTP_11,
+            &[("content-length", "7"), ("content-length", "7")],
+            false,
+        )
+        .unwrap();
+        assert_eq!(head.headers.get_all("content-length").iter().count(), 1);
     }
 
     #[test]
@@ -756,44 +846,38 @@ mod tests {
 
     #[test]
     fn request_heads_take_their_framing_from_the_body() {
-        let parts = |method: Method, headers: &[(&str, &str)]| {
-            let mut request = Request::builder().method(method).uri("/a?b");
-            for (n, v) in headers {
-                request = request.header(*n, *v);
-            }
-            request.body(()).unwrap().into_parts().0
+        let head = |method: Method, size, declared: bool| {
+            let host = HeaderValue::from_static("h");
+            let mut request = Outbound::new(
+                method,
+                &["/a", "?b"],
+                &host,
+                b"x: 1\r\n",
+                crate::body::empty(),
+            );
+            encode_framing(&mut request.head, size, request.declare_empty || declared);
+            String::from_utf8(request.head).unwrap()
         };
-        let head = |p: &http::request::Parts, size| {
-            let mut out = Vec::new();
-            encode_head(&mut out, p, size);
-            String::from_utf8(out).unwrap()
-        };
-        let get = parts(
-            Method::GET,
-            &[
-                ("host", "h"),
-                ("content-length", "99"),
-                ("transfer-encoding", "chunked"),
-            ],
+        assert_eq!(
+            head(Method::GET, Some(0), true),
+            "GET /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\ncontent-length: 0\r\n\r\n",
+            "a client's Content-Length: 0 goes on"
         );
         assert_eq!(
-            head(&get, Some(0)),
-            "GET /a?b HTTP/1.1\r\nhost: h\r\ncontent-length: 0\r\n\r\n"
-        );
-        let get = parts(Method::GET, &[("host", "h")]);
-        assert_eq!(head(&get, Some(0)), "GET /a?b HTTP/1.1\r\nhost: h\r\n\r\n");
-        let post = parts(Method::POST, &[("host", "h")]);
-        assert_eq!(
-            head(&post, Some(0)),
-            "POST /a?b HTTP/1.1\r\nhost: h\r\ncontent-length: 0\r\n\r\n"
+            head(Method::GET, Some(0), false),
+            "GET /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\n\r\n"
         );
         assert_eq!(
-            head(&post, Some(12)),
-            "POST /a?b HTTP/1.1\r\nhost: h\r\ncontent-length: 12\r\n\r\n"
+            head(Method::POST, Some(0), false),
+            "POST /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\ncontent-length: 0\r\n\r\n"
         );
         assert_eq!(
-            head(&post, None),
-            "POST /a?b HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
+            head(Method::POST, Some(12), false),
+            "POST /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\ncontent-length: 12\r\n\r\n"
+        );
+        assert_eq!(
+            head(Method::POST, None, false),
+            "POST /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
     }
 }

@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::{HeaderValue, Method, Response};
 
 use crate::body::Body;
 pub use h1::UpstreamBody;
@@ -95,6 +95,60 @@ impl std::error::Error for UpstreamError {
     }
 }
 
+/// A request as one instance receives it: its head, encoded but for the
+/// framing header the connection adds from the body it sends, and its body.
+pub struct Outbound {
+    pub method: Method,
+    /// The request line, `Host` and the other header fields, each line
+    /// ending in CRLF.
+    pub head: Vec<u8>,
+    /// Whether an empty body is still declared (`Content-Length: 0`): the
+    /// client declared it, or the method usually carries a body.
+    pub declare_empty: bool,
+    pub body: Body,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("method", &self.method)
+            .field("head", &String::from_utf8_lossy(&self.head))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbound {
+    /// `target` is the origin-form target in pieces, written one after the
+    /// other; `fields` are header lines sent as they are.
+    pub fn new(
+        method: Method,
+        target: &[&str],
+        host: &HeaderValue,
+        fields: &[u8],
+        body: Body,
+    ) -> Self {
+        let target_len: usize = target.iter().map(|piece| piece.len()).sum();
+        let mut head =
+            Vec::with_capacity(method.as_str().len() + target_len + host.len() + fields.len() + 64);
+        head.extend_from_slice(method.as_str().as_bytes());
+        head.push(b' ');
+        for piece in target {
+            head.extend_from_slice(piece.as_bytes());
+        }
+        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        head.extend_from_slice(host.as_bytes());
+        head.extend_from_slice(b"\r\n");
+        head.extend_from_slice(fields);
+        let declare_empty = matches!(method, Method::POST | Method::PUT | Method::PATCH);
+        Self {
+            method,
+            head,
+            declare_empty,
+            body,
+        }
+    }
+}
+
 /// An instance's pool as a tower service: the innermost layer of the
 /// instance's stack. Cloning it is one reference count.
 #[derive(Clone)]
@@ -108,7 +162,7 @@ impl PoolService {
     }
 }
 
-impl tower::Service<Request<Body>> for PoolService {
+impl tower::Service<Outbound> for PoolService {
     type Response = Response<UpstreamBody>;
     type Error = UpstreamError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, UpstreamError>> + Send>>;
@@ -118,7 +172,7 @@ impl tower::Service<Request<Body>> for PoolService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, request: Outbound) -> Self::Future {
         let pool = self.pool.clone();
         Box::pin(async move { pool.send(request).await })
     }

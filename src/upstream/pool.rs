@@ -15,13 +15,12 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::Response;
 use tokio::time::Instant;
 
 use super::h1::{Connection, SendError, UpstreamBody};
 use super::policy::UpstreamPolicy;
-use super::{UpstreamError, connect};
-use crate::body::Body;
+use super::{Outbound, UpstreamError, connect};
 use crate::config::Config;
 
 /// Idle connections kept per instance, at most.
@@ -81,11 +80,10 @@ impl Pool {
         }
     }
 
-    /// Sends `request` (origin-form URI, `Host` set) on an idle connection or
-    /// a new one.
+    /// Sends `request` on an idle connection or a new one.
     pub async fn send(
         self: &Arc<Self>,
-        mut request: Request<Body>,
+        mut request: Outbound,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         while let Some(conn) = self.checkout() {
             match conn.send(request, Some(self.clone())).await {
@@ -104,7 +102,7 @@ impl Pool {
     /// otherwise hold one idle connection open per instance between checks.
     pub async fn send_once(
         &self,
-        request: Request<Body>,
+        request: Outbound,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let conn = self.open().await?;
         conn.send(request, None).await.map_err(broken)
