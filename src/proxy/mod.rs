@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, Version, header};
-use hyper::body::Incoming;
 use rand::Rng;
 use rand::rngs::SmallRng;
 use tokio::time::Instant;
@@ -98,24 +97,33 @@ impl Proxy {
     }
 
     /// Forwards one `/call/...` request; every failure becomes the gateway's
-    /// JSON error.
-    pub async fn forward(
+    /// JSON error. `B` is hyper's streaming body, or a body the HTTP/1.1
+    /// fast path has read whole.
+    pub async fn forward<B>(
         &self,
         registry: &Registry,
-        request: Request<Incoming>,
+        request: Request<B>,
         peer: &Peer,
-    ) -> Response<Body> {
+    ) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         self.try_forward(registry, request, peer)
             .await
             .unwrap_or_else(GatewayError::into_response)
     }
 
-    async fn try_forward(
+    async fn try_forward<B>(
         &self,
         registry: &Registry,
-        request: Request<Incoming>,
+        request: Request<B>,
         peer: &Peer,
-    ) -> Result<Response<Body>, GatewayError> {
+    ) -> Result<Response<Body>, GatewayError>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         if request.version() < Version::HTTP_2 && request.uri().scheme().is_some() {
             // An absolute-form target asks for a forward proxy, which this is not.
             return Err(GatewayError::new(

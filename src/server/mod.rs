@@ -3,6 +3,13 @@
 //!
 //! `run` takes a bound listener, so tests bind `127.0.0.1:0` and read the
 //! port back; `main` binds the configured address.
+//!
+//! Every connection starts on the HTTP/1.1 fast path ([`fast`]), which
+//! serves the common proxied request itself; the first request it does not
+//! take hands the connection, with the bytes read so far, to hyper's server
+//! (HTTP/1 and HTTP/2) for the rest of its life.
+
+mod fast;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,11 +22,11 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 use crate::error::{ErrorCode, GatewayError};
 use crate::framing::{FramingLog, Sniffed};
 use crate::gateway::Gateway;
@@ -70,9 +77,13 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
 
     // Shared by every worker: the limit is the gateway's, not each worker's.
     let connections = gateway.connection_slots().clone();
-    let graceful = GracefulShutdown::new();
+    let hyper = Arc::new(builder);
+    // Cancelled when shutdown begins: connections finish the request in
+    // flight and close.
+    let draining = CancellationToken::new();
     // Cancelled when the grace period is over: ends connections still open.
     let hard_stop = CancellationToken::new();
+    let open = TaskTracker::new();
     let mut shutdown = std::pin::pin!(shutdown);
 
     loop {
@@ -106,22 +117,16 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
             }
         };
         let _ = stream.set_nodelay(true);
-        let framing = Arc::new(FramingLog::default());
-        let stream = Sniffed::new(stream, limits.max_header_bytes as usize, framing.clone());
-        let service = Connection {
+        let client = Client {
             gateway: gateway.clone(),
             peer: Arc::new(Peer::new(remote)),
-            framing,
-            served: Arc::new(AtomicU64::new(0)),
+            hyper: hyper.clone(),
+            draining: draining.clone(),
         };
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
         let hard_stop = hard_stop.clone();
-        tokio::spawn(async move {
+        open.spawn(async move {
             let _permit = permit;
-            if let Some(Err(e)) = hard_stop.run_until_cancelled(connection).await {
+            if let Some(Err(e)) = hard_stop.run_until_cancelled(client.serve(stream)).await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
         });
@@ -131,16 +136,55 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
     let grace = config.gateway.shutdown_grace;
     tracing::info!(grace = %crate::config::fmt_duration(grace), "shutting down: finishing in-flight requests");
     gateway.stop_background();
-    // hyper's graceful shutdown can wait forever on idle keep-alive and h2
-    // connections (hyper#1885), so it is always bounded by the grace period.
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    draining.cancel();
+    open.close();
+    // Bounded by the grace period whatever the connections do: hyper's own
+    // graceful shutdown can wait forever on idle h2 connections (hyper#1885).
+    if tokio::time::timeout(grace, open.wait()).await.is_err() {
         tracing::warn!("grace period over: closing the connections still open");
     }
     hard_stop.cancel();
     tracing::info!("stopped");
+}
+
+/// What a client connection needs: the gateway, the client's address, and
+/// hyper's server for the requests the fast path does not take.
+struct Client {
+    gateway: Arc<Gateway>,
+    peer: Arc<Peer>,
+    hyper: Arc<auto::Builder<TokioExecutor>>,
+    draining: CancellationToken,
+}
+
+impl Client {
+    async fn serve(self, mut stream: TcpStream) -> Result<(), BoxError> {
+        let limits = &self.gateway.config().limits;
+        let Some(read) = fast::serve(&self, &mut stream, limits).await? else {
+            return Ok(());
+        };
+        // From here on hyper serves the connection, starting with the bytes
+        // the fast path read and did not take; the framing check watches them.
+        let framing = Arc::new(FramingLog::default());
+        let io = Sniffed::new(
+            fast::Rewound::new(read, stream),
+            limits.max_header_bytes as usize,
+            framing.clone(),
+        );
+        let service = Connection {
+            gateway: self.gateway.clone(),
+            peer: self.peer.clone(),
+            framing,
+            served: Arc::new(AtomicU64::new(0)),
+        };
+        let connection = self.hyper.serve_connection(TokioIo::new(io), service);
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            done = connection.as_mut() => return done,
+            () = self.draining.cancelled() => {}
+        }
+        connection.as_mut().graceful_shutdown();
+        connection.await
+    }
 }
 
 /// One client connection's view of the gateway: hyper calls it per request.
