@@ -7,7 +7,9 @@
 //!
 //! The modules, in the order a request meets them:
 //!
-//! - [`server`]: accept loop, connection limits, graceful shutdown.
+//! - [`server`]: accept loop, connection limits, graceful shutdown; the
+//!   HTTP/1.1 fast path that serves the common proxied request itself and
+//!   hands everything else to hyper.
 //! - [`framing`]: the request-framing check hyper leaves to us.
 //! - [`router`]: `/services*` → [`api`], `/call/*` → the proxy, `/healthz`.
 //! - [`api`]: the registry's REST handlers and their JSON shapes.

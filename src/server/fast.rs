@@ -53,6 +53,9 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Response body chunks at least this large are written as they are,
 /// rather than copied behind the head.
 const WRITE_THROUGH: usize = 4 * 1024;
+/// Small chunks ready one after the other are gathered up to this much
+/// before they are written.
+const FLUSH_AT: usize = 64 * 1024;
 
 /// Serves requests on `stream` while they qualify. `Ok(None)`: the
 /// connection is done (closed by the client, timed out, or shutting down).
@@ -294,6 +297,10 @@ async fn write_response(
             }
             if framing == Framing::Chunked {
                 out.extend_from_slice(b"\r\n");
+            }
+            if out.len() >= FLUSH_AT {
+                stream.write_all(out).await?;
+                out.clear();
             }
         }
         match framing {
