@@ -49,7 +49,7 @@ pub struct GatewayConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Worker threads, each with its own event loop, listening socket and
-    /// upstream connections; 0 means one per two CPU cores (at least one).
+    /// upstream connections; 0 means one per CPU core.
     pub workers: usize,
 }
 
@@ -796,7 +796,7 @@ mod tests {
         assert_eq!(c.gateway.name, "registry");
         assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.gateway.shutdown_grace, Duration::from_secs(30));
-        assert_eq!(c.gateway.workers, 0, "one per two cores");
+        assert_eq!(c.gateway.workers, 0, "one per core");
         assert_eq!(c.proxy.request_timeout, Duration::from_secs(30));
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.proxy.pool_idle_timeout, Duration::from_secs(90));

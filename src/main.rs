@@ -156,12 +156,12 @@ fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// One worker per two cores, at least one. The gateway shares its machine
-/// with the kernel's network processing and, usually, with the services it
-/// fronts: on the 2-core reference machine one worker served more requests,
-/// with a lower p99, than two (see the README's benchmark section).
+/// One worker per core. On the 2-core reference machine, shared with the
+/// upstreams and the load generator, two workers served about 3% more than
+/// one (README, benchmark section); with upstream requests batched per
+/// event-loop turn, a single worker became the bottleneck.
 fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2))
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
