@@ -5,13 +5,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Echo, TestGateway, Upstream, response};
+use common::{Echo, Gated, TestGateway};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 const QUIET: &str = "[health_check]\ninterval = \"0s\"\n";
 
@@ -222,26 +220,15 @@ async fn a_call_that_asks_to_close_is_answered_with_connection_close() {
 #[tokio::test]
 async fn shutdown_finishes_a_call_in_flight_and_closes_idle_connections() {
     let mut gw = TestGateway::start(QUIET).await;
-    let release = Arc::new(tokio::sync::Notify::new());
-    let (entered_tx, mut entered) = mpsc::unbounded_channel();
-    let r = release.clone();
-    let slow = Upstream::start(move |_| {
-        let (r, entered_tx) = (r.clone(), entered_tx.clone());
-        async move {
-            let _ = entered_tx.send(());
-            r.notified().await;
-            response(200, "finished")
-        }
-    })
-    .await;
-    gw.register("svc", &slow.url()).await;
+    let mut slow = Gated::start("finished").await;
+    gw.register("svc", &slow.upstream.url()).await;
 
     let mut idle = TcpStream::connect(gw.addr).await.unwrap();
     let mut busy = TcpStream::connect(gw.addr).await.unwrap();
     busy.write_all(b"GET /call/svc/slow HTTP/1.1\r\nHost: gw\r\n\r\n")
         .await
         .unwrap();
-    entered.recv().await.unwrap();
+    slow.entered.recv().await.unwrap();
 
     gw.signal_shutdown();
     let server = gw.take_task();
@@ -250,7 +237,7 @@ async fn shutdown_finishes_a_call_in_flight_and_closes_idle_connections() {
         "an idle connection is closed at once"
     );
     assert!(!server.is_finished(), "the call in flight holds the server");
-    release.notify_one();
+    slow.release.notify_one();
     let mut buf = Vec::new();
     let reply = read_response(&mut busy, &mut buf, false).await;
     assert_eq!(reply.status, 200);

@@ -226,19 +226,8 @@ async fn removing_an_instance_stops_its_checker() {
 #[tokio::test]
 async fn shutdown_finishes_in_flight_requests_and_stops_checkers() {
     let gw = TestGateway::start("[health_check]\ninterval = \"0s\"\ntimeout = \"10s\"\n").await;
-    let release = Arc::new(tokio::sync::Notify::new());
-    let (entered_tx, mut entered) = mpsc::unbounded_channel();
-    let r = release.clone();
-    let slow = Upstream::start(move |_| {
-        let (r, entered_tx) = (r.clone(), entered_tx.clone());
-        async move {
-            let _ = entered_tx.send(());
-            r.notified().await;
-            response(200, "")
-        }
-    })
-    .await;
-    gw.register("svc", &slow.url()).await;
+    let mut slow = common::Gated::start("").await;
+    gw.register("svc", &slow.upstream.url()).await;
 
     // A request in flight: the refresh waits on the slow health endpoint.
     let client = gw.client.clone();
@@ -250,7 +239,7 @@ async fn shutdown_finishes_in_flight_requests_and_stops_checkers() {
         )
         .await
     });
-    entered.recv().await.unwrap();
+    slow.entered.recv().await.unwrap();
 
     let mut gw = gw;
     gw.signal_shutdown();
@@ -259,7 +248,7 @@ async fn shutdown_finishes_in_flight_requests_and_stops_checkers() {
     tokio::task::yield_now().await;
     assert!(!server.is_finished());
     // ... which completes normally once the upstream answers.
-    release.notify_one();
+    slow.release.notify_one();
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, StatusCode::OK);
     tokio::time::timeout(Duration::from_secs(10), server)

@@ -298,6 +298,37 @@ pub fn response(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
+/// An upstream whose answers wait for the test: each request reports its
+/// arrival on `entered`, then waits for `release` before answering 200 with
+/// `body`.
+pub struct Gated {
+    pub upstream: Upstream,
+    pub entered: tokio::sync::mpsc::UnboundedReceiver<()>,
+    pub release: Arc<tokio::sync::Notify>,
+}
+
+impl Gated {
+    pub async fn start(body: &'static str) -> Self {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (entered_tx, entered) = tokio::sync::mpsc::unbounded_channel();
+        let r = release.clone();
+        let upstream = Upstream::start(move |_| {
+            let (r, entered_tx) = (r.clone(), entered_tx.clone());
+            async move {
+                let _ = entered_tx.send(());
+                r.notified().await;
+                response(200, body)
+            }
+        })
+        .await;
+        Self {
+            upstream,
+            entered,
+            release,
+        }
+    }
+}
+
 /// A streamed request body of `count` chunks of `size` bytes, with no
 /// `Content-Length`.
 pub struct Chunks {
