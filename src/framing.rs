@@ -6,7 +6,9 @@
 //! the response) but drops the evidence with it, and the contract wants such
 //! a request refused with a 4xx and never forwarded.
 //!
-//! So each HTTP/1 connection's inbound bytes pass through [`Sniffed`], which
+//! So the inbound bytes of every connection hyper serves pass through
+//! [`Sniffed`] (from the first byte the fast path did not take; a request
+//! carrying `Transfer-Encoding` is never the fast path's), which
 //! follows the message framing (heads, fixed-length and chunked bodies) just
 //! far enough to notice a head that carries both headers, and records its
 //! position in a [`FramingLog`] shared with the connection's service. The
@@ -270,17 +272,26 @@ fn trim(bytes: &[u8]) -> &[u8] {
     &bytes[start..end]
 }
 
-/// A client connection whose inbound bytes go through a [`Sniffer`].
+/// A client connection whose inbound bytes go through a [`Sniffer`],
+/// starting with the bytes the fast path already read from it.
 pub struct Sniffed<T> {
     inner: T,
+    /// Read before hyper took the connection over: it reads these first.
+    read: bytes::Bytes,
     sniffer: Sniffer,
     log: std::sync::Arc<FramingLog>,
 }
 
 impl<T> Sniffed<T> {
-    pub fn new(inner: T, max_head: usize, log: std::sync::Arc<FramingLog>) -> Self {
+    pub fn new(
+        inner: T,
+        read: bytes::Bytes,
+        max_head: usize,
+        log: std::sync::Arc<FramingLog>,
+    ) -> Self {
         Self {
             inner,
+            read,
             sniffer: Sniffer::new(max_head),
             log,
         }
@@ -295,7 +306,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sniffed<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let polled = if this.read.is_empty() {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read.split_to(n));
+            Poll::Ready(Ok(()))
+        };
         if let Poll::Ready(Ok(())) = polled {
             this.sniffer.feed(&buf.filled()[before..], &this.log);
         }

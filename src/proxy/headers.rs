@@ -58,19 +58,48 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name)
 }
 
-/// The other headers a `Connection` value names (beyond `keep-alive` and
-/// `close`, which name none): hop-by-hop too. Usually none, and then
-/// nothing is allocated.
-pub fn listed_by_connection<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Vec<HeaderName> {
-    values
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
-        })
-        .filter_map(|token| HeaderName::try_from(token).ok())
-        .collect()
+/// What `Connection` values say (RFC 9110 §7.6.1): `close`, `keep-alive`,
+/// and the other headers they name, which are hop-by-hop too. Read once
+/// for requests, responses and the fast path alike.
+#[derive(Debug, Default)]
+pub struct ConnectionOptions {
+    pub close: bool,
+    pub keep_alive: bool,
+    /// The other headers named; usually none, and then nothing is allocated.
+    pub listed: Vec<HeaderName>,
+    /// Something that is not a header name was named (or the value is not text).
+    pub unreadable: bool,
+}
+
+impl ConnectionOptions {
+    /// The options of every value given.
+    pub fn of<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Self {
+        let mut options = Self::default();
+        for value in values {
+            options.add(value.as_bytes());
+        }
+        options
+    }
+
+    /// Takes in one more `Connection` value.
+    pub fn add(&mut self, value: &[u8]) {
+        let Ok(value) = std::str::from_utf8(value) else {
+            self.unreadable = true;
+            return;
+        };
+        for token in value.split(',').map(str::trim) {
+            if token.eq_ignore_ascii_case("close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case("keep-alive") {
+                self.keep_alive = true;
+            } else {
+                match HeaderName::try_from(token) {
+                    Ok(name) => self.listed.push(name),
+                    Err(_) => self.unreadable = true,
+                }
+            }
+        }
+    }
 }
 
 /// The header fields an instance receives for a client's request, as
@@ -93,7 +122,7 @@ pub fn forward_fields<R: Rng + ?Sized>(
     via: &HeaderValue,
     rng: &mut R,
 ) -> Vec<u8> {
-    let listed = listed_by_connection(headers.get_all(header::CONNECTION).iter());
+    let listed = ConnectionOptions::of(headers.get_all(header::CONNECTION).iter()).listed;
     let mut out = Vec::with_capacity(256);
     let mut has_request_id = false;
     for (name, value) in headers {

@@ -25,7 +25,6 @@
 //! `header_read_timeout` of when the connection started waiting for it
 //! (idle keep-alive time included), else the connection is closed.
 
-use std::io;
 use std::pin::Pin;
 use std::task::Poll;
 
@@ -34,13 +33,14 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Client;
 use crate::body::{Body, BoxError};
 use crate::config::LimitsConfig;
+use crate::proxy::headers::ConnectionOptions;
 use crate::proxy::path::PREFIX;
 
 /// Request bodies up to this size, already read with their head, are
@@ -146,7 +146,7 @@ fn parse(read: &mut BytesMut, max_head: usize) -> Parsed {
         return Parsed::NotOurs;
     }
     let mut length = None;
-    let mut close = false;
+    let mut connection = ConnectionOptions::default();
     // Where each name and value sits in the head, to slice it once frozen.
     let base = read.as_ptr() as usize;
     let offset = |s: &[u8]| s.as_ptr() as usize - base;
@@ -164,14 +164,16 @@ fn parse(read: &mut BytesMut, max_head: usize) -> Parsed {
                 _ => return Parsed::NotOurs,
             }
         } else if name == header::CONNECTION {
-            match connection_close(field.value) {
-                Some(asked) => close |= asked,
-                None => return Parsed::NotOurs,
-            }
+            connection.add(field.value);
         }
         let start = offset(field.value);
         names.push((name, start..start + field.value.len()));
     }
+    if !connection.listed.is_empty() || connection.unreadable {
+        // Other hop-by-hop headers named: hyper's case.
+        return Parsed::NotOurs;
+    }
+    let close = connection.close;
     let path = offset(path.as_bytes())..offset(path.as_bytes()) + path.len();
     let body_len = length.unwrap_or(0);
     if read.len() < head_len + body_len {
@@ -219,21 +221,6 @@ fn content_length(value: &[u8]) -> Option<usize> {
         return None;
     }
     std::str::from_utf8(value).ok()?.parse().ok()
-}
-
-/// Whether a `Connection` value asks to close; `None` if it names anything
-/// but `keep-alive` and `close` (other hop-by-hop headers: hyper's case).
-fn connection_close(value: &[u8]) -> Option<bool> {
-    let mut close = false;
-    for token in std::str::from_utf8(value).ok()?.split(',') {
-        let token = token.trim();
-        if token.eq_ignore_ascii_case("close") {
-            close = true;
-        } else if !token.eq_ignore_ascii_case("keep-alive") {
-            return None;
-        }
-    }
-    Some(close)
 }
 
 /// How a response body goes on the wire.
@@ -401,73 +388,6 @@ mod date {
             }
             out.extend_from_slice(text.as_bytes());
         });
-    }
-}
-
-/// A connection handed to hyper: the bytes already read come first.
-pub(super) struct Rewound<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T> Rewound<T> {
-    pub(super) fn new(prefix: BytesMut, inner: T) -> Self {
-        Self {
-            prefix: prefix.freeze(),
-            inner,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            let prefix = self.prefix.split_to(n);
-            buf.put_slice(&prefix);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewound<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

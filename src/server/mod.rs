@@ -166,7 +166,8 @@ impl Client {
         // the fast path read and did not take; the framing check watches them.
         let framing = Arc::new(FramingLog::default());
         let io = Sniffed::new(
-            fast::Rewound::new(read, stream),
+            stream,
+            read.freeze(),
             limits.max_header_bytes as usize,
             framing.clone(),
         );

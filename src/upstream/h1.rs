@@ -42,6 +42,7 @@ use tokio::net::TcpStream;
 use super::Outbound;
 use super::pool::Pool;
 use crate::body::{Body, BoxError};
+use crate::proxy::headers::{ConnectionOptions, is_hop_by_hop};
 
 /// Response heads larger than this are an error.
 const MAX_HEAD: usize = 64 * 1024;
@@ -359,10 +360,7 @@ struct Head {
 /// and this connection frames what the client gets.
 #[derive(Debug, Default)]
 struct ConnectionFields {
-    close: bool,
-    keep_alive: bool,
-    /// Other headers `Connection` names: hop-by-hop too.
-    listed: Vec<HeaderName>,
+    connection: ConnectionOptions,
     /// Whether the last transfer coding named is `chunked`.
     chunked: Option<bool>,
     length: Option<u64>,
@@ -372,16 +370,7 @@ impl ConnectionFields {
     /// Takes in one response field; returns whether it goes on to the client.
     fn take(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<bool, BoxError> {
         if *name == header::CONNECTION {
-            for token in value.to_str().unwrap_or_default().split(',') {
-                let token = token.trim();
-                if token.eq_ignore_ascii_case("close") {
-                    self.close = true;
-                } else if token.eq_ignore_ascii_case("keep-alive") {
-                    self.keep_alive = true;
-                } else if let Ok(listed) = HeaderName::try_from(token) {
-                    self.listed.push(listed);
-                }
-            }
+            self.connection.add(value.as_bytes());
             return Ok(false);
         }
         if *name == header::TRANSFER_ENCODING {
@@ -406,7 +395,7 @@ impl ConnectionFields {
                 Some(_) => Err("the response has conflicting Content-Length values".into()),
             };
         }
-        Ok(!crate::proxy::headers::is_hop_by_hop(name))
+        Ok(!is_hop_by_hop(name))
     }
 }
 
@@ -418,11 +407,11 @@ impl Head {
         connection: ConnectionFields,
         head_request: bool,
     ) -> Result<Self, BoxError> {
-        for name in &connection.listed {
+        let options = &connection.connection;
+        for name in &options.listed {
             headers.remove(name);
         }
-        let mut persistent =
-            !connection.close && (version == Version::HTTP_11 || connection.keep_alive);
+        let mut persistent = !options.close && (version == Version::HTTP_11 || options.keep_alive);
         let (chunked, length) = (connection.chunked, connection.length);
         let bodiless = head_request
             || status.is_informational()
