@@ -25,6 +25,14 @@ pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
+/// Whether a response with `status` has no body whatever its headers say
+/// (RFC 9110 §6.4.1: 1xx, 204, 304).
+pub fn status_has_no_body(status: http::StatusCode) -> bool {
+    status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+}
+
 /// Boxes any body whose error converts into [`BoxError`], without buffering it.
 pub fn boxed<B>(body: B) -> Body
 where

@@ -328,7 +328,7 @@ fn encode_head(
         } else if *name == header::DATE {
             dated = true;
         } else if *name == header::CONNECTION {
-            close |= value.as_bytes().eq_ignore_ascii_case(b"close");
+            close |= ConnectionOptions::of(std::iter::once(value)).close;
             continue;
         } else if *name == header::TRANSFER_ENCODING {
             // The framing is this hop's to choose.
@@ -344,11 +344,8 @@ fn encode_head(
         date::write(out);
         out.extend_from_slice(b"\r\n");
     }
-    let bodiless = status.is_informational()
-        || status == http::StatusCode::NO_CONTENT
-        || status == http::StatusCode::NOT_MODIFIED;
     let framing = match (length, size) {
-        _ if bodiless => Framing::None,
+        _ if crate::body::status_has_no_body(status) => Framing::None,
         (Some(length), _) => Framing::Length(length),
         (None, Some(size)) => {
             out.extend_from_slice(b"content-length: ");

@@ -431,10 +431,7 @@ impl Head {
         }
         let mut persistent = !options.close && (version == Version::HTTP_11 || options.keep_alive);
         let (chunked, length) = (connection.chunked, connection.length);
-        let bodiless = head_request
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
+        let bodiless = head_request || crate::body::status_has_no_body(status);
         let framing = if bodiless {
             Framing::Done
         } else if let Some(chunked) = chunked {
