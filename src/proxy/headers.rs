@@ -137,7 +137,7 @@ pub fn forward_fields<R: Rng + ?Sized>(
             continue;
         }
         has_request_id |= *name == X_REQUEST_ID;
-        field(&mut out, name.as_str(), &[value.as_bytes()]);
+        field(&mut out, name.as_str(), value.as_bytes());
     }
     append_to_list(
         &mut out,
@@ -145,24 +145,22 @@ pub fn forward_fields<R: Rng + ?Sized>(
         headers,
         peer.forwarded_for.as_bytes(),
     );
-    field(&mut out, X_FORWARDED_PROTO.as_str(), &[b"http"]);
+    field(&mut out, X_FORWARDED_PROTO.as_str(), b"http");
     if let Some(host) = host {
-        field(&mut out, X_FORWARDED_HOST.as_str(), &[host.as_bytes()]);
+        field(&mut out, X_FORWARDED_HOST.as_str(), host.as_bytes());
     }
     if !has_request_id {
-        field(&mut out, X_REQUEST_ID.as_str(), &[&request_id(rng)]);
+        field(&mut out, X_REQUEST_ID.as_str(), &request_id(rng));
     }
     append_to_list(&mut out, &header::VIA, headers, via.as_bytes());
     out
 }
 
-/// Writes one `name: value\r\n` line, the value given in pieces.
-fn field(out: &mut Vec<u8>, name: &str, value: &[&[u8]]) {
+/// Writes one `name: value\r\n` header line.
+pub fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
-    for piece in value {
-        out.extend_from_slice(piece);
-    }
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 

@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use super::Client;
 use crate::body::{Body, BoxError};
 use crate::config::LimitsConfig;
-use crate::proxy::headers::ConnectionOptions;
+use crate::proxy::headers::{ConnectionOptions, field};
 use crate::proxy::path::PREFIX;
 
 /// Request bodies up to this size, already read with their head, are
@@ -334,23 +334,20 @@ fn encode_head(
             // The framing is this hop's to choose.
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        field(out, name.as_str(), value.as_bytes());
     }
     if !dated {
-        out.extend_from_slice(b"date: ");
-        date::write(out);
-        out.extend_from_slice(b"\r\n");
+        date::field(out);
     }
     let framing = match (length, size) {
         _ if crate::body::status_has_no_body(status) => Framing::None,
         (Some(length), _) => Framing::Length(length),
         (None, Some(size)) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(size).as_bytes());
-            out.extend_from_slice(b"\r\n");
+            field(
+                out,
+                "content-length",
+                itoa::Buffer::new().format(size).as_bytes(),
+            );
             Framing::Length(size)
         }
         (None, None) => {
@@ -375,7 +372,8 @@ mod date {
         static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
 
-    pub fn write(out: &mut Vec<u8>) {
+    /// Writes the `Date` header line.
+    pub fn field(out: &mut Vec<u8>) {
         let now = SystemTime::now();
         let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         CACHED.with_borrow_mut(|(at, text)| {
@@ -383,7 +381,7 @@ mod date {
                 *at = second;
                 *text = httpdate::fmt_http_date(now);
             }
-            out.extend_from_slice(text.as_bytes());
+            crate::proxy::headers::field(out, "date", text.as_bytes());
         });
     }
 }

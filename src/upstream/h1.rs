@@ -42,7 +42,7 @@ use tokio::net::TcpStream;
 use super::Outbound;
 use super::pool::Pool;
 use crate::body::{Body, BoxError};
-use crate::proxy::headers::{ConnectionOptions, is_hop_by_hop};
+use crate::proxy::headers::{ConnectionOptions, field, is_hop_by_hop};
 
 /// Response heads larger than this are an error.
 const MAX_HEAD: usize = 64 * 1024;
@@ -338,9 +338,11 @@ fn encode_framing(out: &mut Vec<u8>, size: Option<u64>, declare_empty: bool) {
     match size {
         Some(0) if !declare_empty => {}
         Some(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
+            field(
+                out,
+                "content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            );
         }
         None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }

@@ -135,9 +135,8 @@ impl Outbound {
         for piece in target {
             head.extend_from_slice(piece.as_bytes());
         }
-        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        head.extend_from_slice(host.as_bytes());
-        head.extend_from_slice(b"\r\n");
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        crate::proxy::headers::field(&mut head, "host", host.as_bytes());
         head.extend_from_slice(fields);
         let declare_empty = matches!(method, Method::POST | Method::PUT | Method::PATCH);
         Self {
