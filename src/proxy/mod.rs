@@ -24,13 +24,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, Version, header};
+use http_body_util::BodyExt;
 use rand::Rng;
 use rand::rngs::SmallRng;
 use tokio::time::Instant;
 
 use crate::balance;
-use http_body_util::BodyExt;
-
 use crate::body::{Body, BoxError};
 use crate::breaker::{CircuitBreaker, CircuitOpen, CircuitState};
 use crate::config::Config;

@@ -172,8 +172,8 @@ impl Client {
             framing.clone(),
         );
         let service = Connection {
-            gateway: self.gateway.clone(),
-            peer: self.peer.clone(),
+            gateway: self.gateway,
+            peer: self.peer,
             framing,
             served: Arc::new(AtomicU64::new(0)),
         };
