@@ -34,68 +34,107 @@ impl Raw {
     }
 }
 
-/// Reads one response (length-delimited or chunked) from `stream`, keeping
-/// whatever follows it in `buf`; `head` says it answers a `HEAD`.
-async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>, head: bool) -> Raw {
-    let (status, headers, head_len) = loop {
-        let mut fields = [httparse::EMPTY_HEADER; 64];
-        let mut parsed = httparse::Response::new(&mut fields);
-        if let httparse::Status::Complete(len) = parsed.parse(buf).expect("a valid response head") {
-            let headers = parsed
-                .headers
-                .iter()
-                .map(|h| {
-                    let value = String::from_utf8_lossy(h.value).into_owned();
-                    (h.name.to_ascii_lowercase(), value)
-                })
-                .collect::<Vec<_>>();
-            break (parsed.code.unwrap(), headers, len);
+/// A client connection spoken to byte by byte, and what it has read past
+/// the last response.
+struct RawClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    async fn connect(addr: std::net::SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        Self {
+            stream,
+            buf: Vec::new(),
         }
-        fill(stream, buf).await;
-    };
-    buf.drain(..head_len);
-    let find = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-    };
-    let mut body = Vec::new();
-    if head || status == 204 || status == 304 {
-    } else if find("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
-        loop {
-            let line_end = loop {
-                if let Some(at) = buf.windows(2).position(|w| w == b"\r\n") {
-                    break at;
-                }
-                fill(stream, buf).await;
-            };
-            let size_line = String::from_utf8_lossy(&buf[..line_end]).into_owned();
-            let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
-                .expect("a chunk size");
-            while buf.len() < line_end + 2 + size + 2 {
-                fill(stream, buf).await;
-            }
-            body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
-            buf.drain(..line_end + 2 + size + 2);
-            if size == 0 {
-                break;
-            }
-        }
-    } else {
-        let length: usize = find("content-length")
-            .expect("a length-delimited response")
-            .parse()
-            .unwrap();
-        while buf.len() < length {
-            fill(stream, buf).await;
-        }
-        body = buf.drain(..length).collect();
     }
-    Raw {
-        status,
-        headers,
-        body,
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Sends one request and reads its response.
+    async fn ask(&mut self, request: &[u8]) -> Raw {
+        self.send(request).await;
+        self.read(request.starts_with(b"HEAD ")).await
+    }
+
+    /// Reads one response (length-delimited or chunked), keeping whatever
+    /// follows it; `head` says it answers a `HEAD`.
+    async fn read(&mut self, head: bool) -> Raw {
+        let (stream, buf) = (&mut self.stream, &mut self.buf);
+        let (status, headers, head_len) = loop {
+            let mut fields = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut fields);
+            if let httparse::Status::Complete(len) =
+                parsed.parse(buf).expect("a valid response head")
+            {
+                let headers = parsed
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        let value = String::from_utf8_lossy(h.value).into_owned();
+                        (h.name.to_ascii_lowercase(), value)
+                    })
+                    .collect::<Vec<_>>();
+                break (parsed.code.unwrap(), headers, len);
+            }
+            fill(stream, buf).await;
+        };
+        buf.drain(..head_len);
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let mut body = Vec::new();
+        if head || status == 204 || status == 304 {
+        } else if find("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
+            loop {
+                let line_end = loop {
+                    if let Some(at) = buf.windows(2).position(|w| w == b"\r\n") {
+                        break at;
+                    }
+                    fill(stream, buf).await;
+                };
+                let size_line = String::from_utf8_lossy(&buf[..line_end]).into_owned();
+                let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
+                    .expect("a chunk size");
+                while buf.len() < line_end + 2 + size + 2 {
+                    fill(stream, buf).await;
+                }
+                body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+                buf.drain(..line_end + 2 + size + 2);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else {
+            let length: usize = find("content-length")
+                .expect("a length-delimited response")
+                .parse()
+                .unwrap();
+            while buf.len() < length {
+                fill(stream, buf).await;
+            }
+            body = buf.drain(..length).collect();
+        }
+        Raw {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// Whether the gateway closes the connection (rather than waiting for more).
+    async fn closes(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut byte)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
     }
 }
 
@@ -109,90 +148,69 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) {
     buf.extend_from_slice(&chunk[..n]);
 }
 
-/// Whether the gateway closes `stream` (rather than waiting for more).
-async fn closes(stream: &mut TcpStream) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
-}
-
 #[tokio::test]
 async fn one_connection_serves_calls_and_everything_else_in_order() {
     let gw = TestGateway::start(QUIET).await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    let mut buf = Vec::new();
+    let mut client = RawClient::connect(gw.addr).await;
 
     // Two calls pipelined in one write, answered in order.
-    stream
-        .write_all(
+    client
+        .send(
             b"GET /call/svc/one HTTP/1.1\r\nHost: gw\r\n\r\n\
               POST /call/svc/two HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello",
         )
-        .await
-        .unwrap();
-    let one = read_response(&mut stream, &mut buf, false).await;
+        .await;
+    let one = client.read(false).await;
     assert_eq!(one.status, 200);
     assert_eq!(one.json()["uri"], "/one");
     assert!(one.header("date").is_some());
-    let two = read_response(&mut stream, &mut buf, false).await;
+    let two = client.read(false).await;
     assert_eq!(two.json()["uri"], "/two");
     assert_eq!(two.json()["method"], "POST");
     assert_eq!(two.json()["body_len"], 5);
 
     // HEAD: the head only, with the upstream's length.
-    stream
-        .write_all(b"HEAD /call/svc/three HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    let three = read_response(&mut stream, &mut buf, true).await;
+    let three = client
+        .ask(b"HEAD /call/svc/three HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await;
     assert_eq!(three.status, 200);
     assert!(three.header("content-length").is_some());
     assert_eq!(three.header("x-switchyard-upstream"), Some(&*up_id(&up)));
 
     // The gateway's own error, then a registry read, then a chunked upload:
     // all on the same connection.
-    stream
-        .write_all(b"GET /call/nobody/x HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    let missing = read_response(&mut stream, &mut buf, false).await;
+    let missing = client
+        .ask(b"GET /call/nobody/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await;
     assert_eq!(missing.status, 503);
     assert_eq!(
         missing.header("x-switchyard-error"),
         Some("no_healthy_instance")
     );
     assert_eq!(missing.json()["error"]["code"], "no_healthy_instance");
-    stream
-        .write_all(b"GET /services/svc HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    let service = read_response(&mut stream, &mut buf, false).await;
+    let service = client
+        .ask(b"GET /services/svc HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await;
     assert_eq!(service.status, 200);
     assert_eq!(service.json()["name"], "svc");
-    stream
-        .write_all(
+    let four = client
+        .ask(
             b"PUT /call/svc/four HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n\
               3\r\nabc\r\n0\r\n\r\n",
         )
-        .await
-        .unwrap();
-    let four = read_response(&mut stream, &mut buf, false).await;
+        .await;
     assert_eq!(four.json()["uri"], "/four");
     assert_eq!(four.json()["body_len"], 3);
 
     // A call that asks to close gets its answer, then the connection ends.
-    stream
-        .write_all(b"GET /call/svc/five HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let five = read_response(&mut stream, &mut buf, false).await;
+    let five = client
+        .ask(b"GET /call/svc/five HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        .await;
     assert_eq!(five.json()["uri"], "/five");
-    assert!(buf.is_empty(), "nothing after the last answer");
-    assert!(closes(&mut stream).await);
+    assert!(client.buf.is_empty(), "nothing after the last answer");
+    assert!(client.closes().await);
     assert_eq!(up.hits(), 5);
 }
 
@@ -205,16 +223,13 @@ async fn a_call_that_asks_to_close_is_answered_with_connection_close() {
     let gw = TestGateway::start(QUIET).await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(b"GET /call/svc/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let reply = read_response(&mut stream, &mut buf, false).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    let reply = client
+        .ask(b"GET /call/svc/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        .await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("connection"), Some("close"));
-    assert!(closes(&mut stream).await);
+    assert!(client.closes().await);
 }
 
 #[tokio::test]
@@ -223,26 +238,21 @@ async fn shutdown_finishes_a_call_in_flight_and_closes_idle_connections() {
     let mut slow = Gated::start("finished").await;
     gw.register("svc", &slow.upstream.url()).await;
 
-    let mut idle = TcpStream::connect(gw.addr).await.unwrap();
-    let mut busy = TcpStream::connect(gw.addr).await.unwrap();
-    busy.write_all(b"GET /call/svc/slow HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
+    let mut idle = RawClient::connect(gw.addr).await;
+    let mut busy = RawClient::connect(gw.addr).await;
+    busy.send(b"GET /call/svc/slow HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await;
     slow.entered.recv().await.unwrap();
 
     gw.signal_shutdown();
     let server = gw.take_task();
-    assert!(
-        closes(&mut idle).await,
-        "an idle connection is closed at once"
-    );
+    assert!(idle.closes().await, "an idle connection is closed at once");
     assert!(!server.is_finished(), "the call in flight holds the server");
     slow.release.notify_one();
-    let mut buf = Vec::new();
-    let reply = read_response(&mut busy, &mut buf, false).await;
+    let reply = busy.read(false).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body, b"finished");
-    assert!(closes(&mut busy).await, "and then its connection closes");
+    assert!(busy.closes().await, "and then its connection closes");
     tokio::time::timeout(Duration::from_secs(10), server)
         .await
         .expect("the server stops once the call is done")
