@@ -258,3 +258,24 @@ async fn shutdown_finishes_a_call_in_flight_and_closes_idle_connections() {
         .expect("the server stops once the call is done")
         .unwrap();
 }
+
+#[tokio::test]
+async fn past_the_shutdown_grace_a_call_still_in_flight_is_cut_off() {
+    let mut gw =
+        TestGateway::start(&format!("[gateway]\nshutdown_grace = \"300ms\"\n{QUIET}")).await;
+    // Never released: the call outlives the grace period.
+    let mut stuck = Gated::start("never").await;
+    gw.register("svc", &stuck.upstream.url()).await;
+    let mut busy = RawClient::connect(gw.addr).await;
+    busy.send(b"GET /call/svc/stuck HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await;
+    stuck.entered.recv().await.unwrap();
+
+    gw.signal_shutdown();
+    tokio::time::timeout(Duration::from_secs(10), gw.take_task())
+        .await
+        .expect("the server stops when the grace period is over")
+        .unwrap();
+    assert!(busy.closes().await, "the connection is closed");
+    assert!(busy.buf.is_empty(), "without an answer");
+}

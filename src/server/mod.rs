@@ -23,8 +23,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::body::{Body, BoxError};
 use crate::error::{ErrorCode, GatewayError};
@@ -81,13 +81,16 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
     // Cancelled when shutdown begins: connections finish the request in
     // flight and close.
     let draining = CancellationToken::new();
-    // Cancelled when the grace period is over: ends connections still open.
-    let hard_stop = CancellationToken::new();
-    let open = TaskTracker::new();
+    // The connections' tasks: those still open when the grace period is over
+    // are aborted. (A cancellation token per connection would instead be
+    // polled, two locks each time, every time the connection's task runs.)
+    let mut open = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
 
     loop {
         let (stream, remote) = tokio::select! {
+            // Finished connections are collected as they finish.
+            Some(_) = open.join_next(), if !open.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -123,10 +126,9 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
             hyper: hyper.clone(),
             draining: draining.clone(),
         };
-        let hard_stop = hard_stop.clone();
         open.spawn(async move {
             let _permit = permit;
-            if let Some(Err(e)) = hard_stop.run_until_cancelled(client.serve(stream)).await {
+            if let Err(e) = client.serve(stream).await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
         });
@@ -137,13 +139,13 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
     tracing::info!(grace = %crate::config::fmt_duration(grace), "shutting down: finishing in-flight requests");
     gateway.stop_background();
     draining.cancel();
-    open.close();
     // Bounded by the grace period whatever the connections do: hyper's own
     // graceful shutdown can wait forever on idle h2 connections (hyper#1885).
-    if tokio::time::timeout(grace, open.wait()).await.is_err() {
+    let finished = async { while open.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, finished).await.is_err() {
         tracing::warn!("grace period over: closing the connections still open");
+        open.shutdown().await;
     }
-    hard_stop.cancel();
     tracing::info!("stopped");
 }
 
