@@ -279,3 +279,29 @@ async fn past_the_shutdown_grace_a_call_still_in_flight_is_cut_off() {
     assert!(busy.closes().await, "the connection is closed");
     assert!(busy.buf.is_empty(), "without an answer");
 }
+
+#[tokio::test]
+async fn an_idle_connection_closes_header_read_timeout_after_its_last_response() {
+    let gw = TestGateway::start(&format!(
+        "{QUIET}[limits]\nheader_read_timeout = \"400ms\"\n"
+    ))
+    .await;
+    let up = Echo::start("a").await;
+    gw.register("svc", &up.url()).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    let first = client
+        .ask(b"GET /call/svc/one HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await;
+    assert_eq!(first.status, 200);
+    // Idle for most of the timeout, then a second call: the clock starts
+    // again from its response, not from the first one's.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let second = client
+        .ask(b"GET /call/svc/two HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await;
+    assert_eq!(second.status, 200);
+    let answered = std::time::Instant::now();
+    assert!(client.closes().await, "an idle connection is closed");
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_millis(300), "closed after {idle:?}");
+}

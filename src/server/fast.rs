@@ -67,8 +67,13 @@ pub(super) async fn serve(
 ) -> Result<Option<BytesMut>, BoxError> {
     let mut read = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
+    // One timer and one shutdown waiter for the connection's life, not one
+    // of each per request: the timer is set for the first head's deadline
+    // and, when it fires before the current head's, moved on to it.
+    let mut deadline = Instant::now() + limits.header_read_timeout;
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+    let mut draining = std::pin::pin!(client.draining.cancelled());
     loop {
-        let deadline = Instant::now() + limits.header_read_timeout;
         let request = loop {
             match parse(&mut read, limits.max_header_bytes as usize) {
                 Parsed::Ours(request) => break request,
@@ -86,11 +91,14 @@ pub(super) async fn serve(
                 n = stream.read_buf(&mut read) => if n? == 0 {
                     return Ok(None);
                 },
-                () = tokio::time::sleep_until(deadline) => {
-                    tracing::debug!("request head not read within header_read_timeout");
-                    return Ok(None);
+                () = &mut timer => {
+                    if timer.deadline() >= deadline {
+                        tracing::debug!("request head not read within header_read_timeout");
+                        return Ok(None);
+                    }
+                    timer.as_mut().reset(deadline);
                 }
-                () = client.draining.cancelled(), if read.is_empty() => return Ok(None),
+                () = &mut draining, if read.is_empty() => return Ok(None),
             }
         };
         let head_request = request.request.method() == Method::HEAD;
@@ -104,6 +112,7 @@ pub(super) async fn serve(
         if !keep_alive || client.draining.is_cancelled() {
             return Ok(None);
         }
+        deadline = Instant::now() + limits.header_read_timeout;
     }
 }
 
