@@ -81,19 +81,17 @@ impl ConnectionOptions {
         options
     }
 
-    /// Takes in one more `Connection` value.
+    /// Takes in one more `Connection` value. Read as bytes: a name is
+    /// ASCII, and anything else makes it unreadable. Empty list elements
+    /// are skipped (RFC 9110 §5.6.1).
     pub fn add(&mut self, value: &[u8]) {
-        let Ok(value) = std::str::from_utf8(value) else {
-            self.unreadable = true;
-            return;
-        };
-        for token in value.split(',').map(str::trim) {
-            if token.eq_ignore_ascii_case("close") {
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if token.eq_ignore_ascii_case(b"close") {
                 self.close = true;
-            } else if token.eq_ignore_ascii_case("keep-alive") {
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
-            } else {
-                match HeaderName::try_from(token) {
+            } else if !token.is_empty() {
+                match HeaderName::from_bytes(token) {
                     Ok(name) => self.listed.push(name),
                     Err(_) => self.unreadable = true,
                 }
@@ -252,6 +250,29 @@ mod tests {
             .filter(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
             .collect()
+    }
+
+    #[test]
+    fn connection_values_are_read_as_comma_separated_tokens() {
+        let read = |values: &[&[u8]]| {
+            let mut options = ConnectionOptions::default();
+            for value in values {
+                options.add(value);
+            }
+            options
+        };
+        let o = read(&[b"keep-alive"]);
+        assert!(o.keep_alive && !o.close && o.listed.is_empty() && !o.unreadable);
+        let o = read(&[b" Keep-Alive , X-Trace", b"CLOSE"]);
+        assert!(o.keep_alive && o.close && !o.unreadable);
+        assert_eq!(o.listed, [HeaderName::from_static("x-trace")]);
+        // Empty list elements are allowed and mean nothing.
+        let o = read(&[b"close,, ,"]);
+        assert!(o.close && o.listed.is_empty() && !o.unreadable);
+        // Not a header name: a space inside, or bytes beyond ASCII.
+        assert!(read(&[b"x trace"]).unreadable);
+        assert!(read(&[b"close, \xc3\xa9t\xc3\xa9"]).unreadable);
+        assert!(read(&[b"close, \xff"]).close);
     }
 
     #[test]
