@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{TestGateway, Upstream, eventually, response};
 use http::StatusCode;
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 /// An upstream whose `/health` status the test sets, counting its checks.
@@ -240,12 +241,18 @@ async fn shutdown_finishes_in_flight_requests_and_stops_checkers() {
         .await
     });
     slow.entered.recv().await.unwrap();
+    // An idle connection, closed as soon as the shutdown begins.
+    let mut idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
 
     let mut gw = gw;
     gw.signal_shutdown();
     let server = gw.take_task();
-    // The server waits for the in-flight request...
-    tokio::task::yield_now().await;
+    // Once the shutdown has begun, the server waits for the in-flight request...
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut byte))
+        .await
+        .expect("the idle connection is closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
     assert!(!server.is_finished());
     // ... which completes normally once the upstream answers.
     slow.release.notify_one();
