@@ -148,12 +148,19 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) {
     buf.extend_from_slice(&chunk[..n]);
 }
 
-#[tokio::test]
-async fn one_connection_serves_calls_and_everything_else_in_order() {
-    let gw = TestGateway::start(QUIET).await;
+/// A gateway configured by `toml` with one echo instance behind service
+/// `svc`, and a raw client connection to it.
+async fn echo_behind(toml: &str) -> (TestGateway, Echo, RawClient) {
+    let gw = TestGateway::start(toml).await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
-    let mut client = RawClient::connect(gw.addr).await;
+    let client = RawClient::connect(gw.addr).await;
+    (gw, up, client)
+}
+
+#[tokio::test]
+async fn one_connection_serves_calls_and_everything_else_in_order() {
+    let (_gw, up, mut client) = echo_behind(QUIET).await;
 
     // Two calls pipelined in one write, answered in order.
     client
@@ -220,10 +227,7 @@ fn up_id(up: &Echo) -> String {
 
 #[tokio::test]
 async fn a_call_that_asks_to_close_is_answered_with_connection_close() {
-    let gw = TestGateway::start(QUIET).await;
-    let up = Echo::start("a").await;
-    gw.register("svc", &up.url()).await;
-    let mut client = RawClient::connect(gw.addr).await;
+    let (_gw, _up, mut client) = echo_behind(QUIET).await;
     let reply = client
         .ask(b"GET /call/svc/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
         .await;
@@ -282,13 +286,10 @@ async fn past_the_shutdown_grace_a_call_still_in_flight_is_cut_off() {
 
 #[tokio::test]
 async fn an_idle_connection_closes_header_read_timeout_after_its_last_response() {
-    let gw = TestGateway::start(&format!(
+    let (_gw, _up, mut client) = echo_behind(&format!(
         "{QUIET}[limits]\nheader_read_timeout = \"400ms\"\n"
     ))
     .await;
-    let up = Echo::start("a").await;
-    gw.register("svc", &up.url()).await;
-    let mut client = RawClient::connect(gw.addr).await;
     let first = client
         .ask(b"GET /call/svc/one HTTP/1.1\r\nHost: gw\r\n\r\n")
         .await;
