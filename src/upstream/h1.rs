@@ -380,7 +380,7 @@ struct Head {
 /// and this connection frames what the client gets.
 #[derive(Debug, Default)]
 struct ConnectionFields {
-    connection: ConnectionOptions,
+    options: ConnectionOptions,
     /// Whether the last transfer coding named is `chunked`.
     chunked: Option<bool>,
     length: Option<u64>,
@@ -390,7 +390,7 @@ impl ConnectionFields {
     /// Takes in one response field; returns whether it goes on to the client.
     fn take(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<bool, BoxError> {
         if *name == header::CONNECTION {
-            self.connection.add(value.as_bytes());
+            self.options.add(value.as_bytes());
             return Ok(false);
         }
         if *name == header::TRANSFER_ENCODING {
@@ -427,7 +427,7 @@ impl Head {
         connection: ConnectionFields,
         head_request: bool,
     ) -> Result<Self, BoxError> {
-        let options = &connection.connection;
+        let options = &connection.options;
         for name in &options.listed {
             headers.remove(name);
         }
