@@ -657,3 +657,37 @@ async fn an_upstream_closing_connections_costs_no_request() {
     }
     assert_eq!(closing.connections(), 20);
 }
+
+#[tokio::test]
+async fn concurrent_calls_each_get_their_own_answer() {
+    // Many calls in flight at once: their requests and responses go out
+    // together at the end of the gateway's turns (src/turn.rs), and none
+    // may get another's answer.
+    let gw = TestGateway::start(QUIET).await;
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    gw.register("echo", &a.url()).await;
+    gw.register("echo", &b.url()).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..64usize {
+        let (client, url) = (gw.client.clone(), gw.url(&format!("/call/echo/call/{i}")));
+        calls.spawn(async move {
+            let request = Request::post(url)
+                .body(Full::new(Bytes::from(vec![b'x'; i * 100])))
+                .unwrap();
+            (i, common::send(&client, request).await)
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        let (i, reply) = done.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let echo = reply.json();
+        assert_eq!(echo["uri"], format!("/call/{i}"));
+        assert_eq!(echo["body_len"], i * 100);
+        let answered_by = if echo["name"] == "a" { &a } else { &b };
+        assert_eq!(
+            reply.header("x-switchyard-upstream"),
+            Some(answered_by.upstream.addr.to_string().as_str())
+        );
+    }
+    assert_eq!(a.hits() + b.hits(), 64);
+}

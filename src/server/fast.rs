@@ -59,12 +59,13 @@ const FLUSH_AT: usize = 64 * 1024;
 
 /// Serves requests on `stream` while they qualify. `Ok(None)`: the
 /// connection is done (closed by the client, timed out, or shutting down).
-/// `Ok(Some(read))`: hyper takes over, starting with the bytes in `read`.
+/// `Ok(Some(..))`: hyper takes over the stream, starting with the bytes
+/// read and not served.
 pub(super) async fn serve(
     client: &Client,
-    stream: &mut TcpStream,
+    mut stream: TcpStream,
     limits: &LimitsConfig,
-) -> Result<Option<BytesMut>, BoxError> {
+) -> Result<Option<(TcpStream, BytesMut)>, BoxError> {
     let mut read = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
     // One timer and one shutdown waiter for the connection's life, not one
@@ -77,10 +78,10 @@ pub(super) async fn serve(
         let request = loop {
             match parse(&mut read, limits.max_header_bytes as usize) {
                 Parsed::Ours(request) => break request,
-                Parsed::NotOurs => return Ok(Some(read)),
+                Parsed::NotOurs => return Ok(Some((stream, read))),
                 Parsed::Partial if read.len() > limits.max_header_bytes as usize => {
                     // hyper answers 431.
-                    return Ok(Some(read));
+                    return Ok(Some((stream, read)));
                 }
                 Parsed::Partial => {}
             }
@@ -107,7 +108,8 @@ pub(super) async fn serve(
             .proxy()
             .forward(client.gateway.registry(), request.request, &client.peer)
             .await;
-        let keep_alive =
+        let keep_alive;
+        (stream, keep_alive) =
             write_response(stream, response, head_request, request.close, &mut out).await?;
         if !keep_alive || client.draining.is_cancelled() {
             return Ok(None);
@@ -241,16 +243,18 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `response`; returns whether the connection may carry another
-/// request. A body that fails or ends short of its length closes the
-/// connection, since the message cannot be completed.
+/// Writes `response`; gives the stream back with whether it may carry
+/// another request. A body that fails or ends short of its length closes
+/// the connection, since the message cannot be completed. What is left of
+/// the response when its body has ended goes out at the end of the turn,
+/// with the turn's other writes ([`crate::turn`]).
 async fn write_response(
-    stream: &mut TcpStream,
+    mut stream: TcpStream,
     response: Response<Body>,
     head_request: bool,
     close: bool,
     out: &mut Vec<u8>,
-) -> Result<bool, BoxError> {
+) -> Result<(TcpStream, bool), BoxError> {
     let (parts, mut body) = response.into_parts();
     out.clear();
     let (framing, close) = encode_head(out, &parts, body.size_hint().exact(), head_request, close);
@@ -307,8 +311,10 @@ async fn write_response(
             _ => {}
         }
     }
-    stream.write_all(out).await?;
-    Ok(!close)
+    let (stream, written, result) = crate::turn::write_all(stream, std::mem::take(out)).await;
+    *out = written;
+    result?;
+    Ok((stream, !close))
 }
 
 /// Writes the status line and header fields, adding `Date` when missing

@@ -60,6 +60,8 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// in-flight requests finish for up to `shutdown_grace`, stops the health
 /// checkers and returns.
 pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
+    // This thread's writes go out together at the end of each turn.
+    crate::turn::batch_writes();
     let config = gateway.config();
     let limits = &config.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -159,9 +161,9 @@ struct Client {
 }
 
 impl Client {
-    async fn serve(self, mut stream: TcpStream) -> Result<(), BoxError> {
+    async fn serve(self, stream: TcpStream) -> Result<(), BoxError> {
         let limits = &self.gateway.config().limits;
-        let Some(read) = fast::serve(&self, &mut stream, limits).await? else {
+        let Some((stream, read)) = fast::serve(&self, stream, limits).await? else {
             return Ok(());
         };
         // From here on hyper serves the connection, starting with the bytes

@@ -148,10 +148,11 @@ impl Connection {
         }
         // The request goes out at the end of the event loop's turn, with
         // the others of that turn: an instance then wakes once for the
-        // batch, not once per request. On a busy host context switches are
-        // most of what a small request costs (README, "Where the time goes").
-        end_of_turn().await;
-        if let Err(e) = self.io.write_all(&head).await {
+        // batch, not once per request.
+        let (io, written_head, written) = crate::turn::write_all(self.io, head).await;
+        self.io = io;
+        head = written_head;
+        if let Err(e) = written {
             // The connection was dead before anything of ours got through.
             head.truncate(fields_end);
             let body = match inline {
@@ -299,24 +300,6 @@ pub fn parse_response_head(
         *response.headers_mut() = head.headers;
         response
     }))
-}
-
-/// Lets the tasks already queued on this worker run first, once: the
-/// caller goes on at the end of the turn, before the worker polls its
-/// sockets again. Not `tokio::task::yield_now`, which waits until after
-/// that poll: every request would then also wait behind the next turn's
-/// work.
-async fn end_of_turn() {
-    let mut queued = false;
-    std::future::poll_fn(|cx| {
-        if queued {
-            return Poll::Ready(());
-        }
-        queued = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
-    .await
 }
 
 /// Reads what the socket has into `read`; 0 means the instance closed.
@@ -663,25 +646,6 @@ fn step_chunked(state: Chunk, read: &mut BytesMut) -> Result<Step, BoxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn end_of_turn_lets_the_tasks_already_queued_run_first() {
-        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (a, b) = (order.clone(), order.clone());
-        // Spawned, like the worker's connection tasks.
-        let waiter = tokio::spawn(async move {
-            a.lock().unwrap().push("waiter");
-            end_of_turn().await;
-            a.lock().unwrap().push("waiter goes on");
-        });
-        let queued = tokio::spawn(async move { b.lock().unwrap().push("queued") });
-        waiter.await.unwrap();
-        queued.await.unwrap();
-        assert_eq!(
-            *order.lock().unwrap(),
-            ["waiter", "queued", "waiter goes on"]
-        );
-    }
 
     fn framing_of(
         status: u16,
