@@ -462,36 +462,83 @@ mod tests {
         assert_eq!(ring::submissions() - before, 1, "16 writes, one submission");
     }
 
+    /// Reads exactly `len` bytes from `stream`.
+    async fn read_len(mut stream: TcpStream, len: usize) -> Vec<u8> {
+        let mut got = vec![0; len];
+        stream.read_exact(&mut got).await.unwrap();
+        got
+    }
+
     #[tokio::test]
-    async fn what_a_full_socket_does_not_take_goes_out_as_it_drains() {
+    async fn what_a_socket_does_not_take_goes_out_as_it_drains() {
         if !batching() {
             return;
         }
         // Two writes, so that they go through the ring; each larger than
         // loopback's socket buffers.
         let big: Vec<u8> = (0..32 << 20).map(|i: u32| i as u8).collect();
-        let (a, mut a_reader) = pair().await;
-        let (b, mut b_reader) = pair().await;
+        let (a, a_reader) = pair().await;
+        let (b, b_reader) = pair().await;
         let before = ring::submissions();
         let a = tokio::spawn(write_all(a, big.clone()));
         let b = tokio::spawn(write_all(b, big.clone()));
-        let a_read = tokio::spawn(async move {
-            let mut got = vec![0; 32 << 20];
-            a_reader.read_exact(&mut got).await.unwrap();
-            got
-        });
-        let b_read = tokio::spawn(async move {
-            let mut got = vec![0; 32 << 20];
-            b_reader.read_exact(&mut got).await.unwrap();
-            got
-        });
+        let a_read = tokio::spawn(read_len(a_reader, big.len()));
+        let b_read = tokio::spawn(read_len(b_reader, big.len()));
         for writer in [a, b] {
             let (_stream, _, result) = writer.await.unwrap();
             result.unwrap();
         }
-        assert!(ring::submissions() > before, "sent through the ring");
+        assert_eq!(ring::submissions() - before, 1, "sent through the ring");
         assert!(a_read.await.unwrap() == big);
         assert!(b_read.await.unwrap() == big);
+    }
+
+    #[test]
+    fn a_full_socket_never_holds_up_the_others() {
+        // If the ring waited for room on the full socket, the flush would
+        // block this thread for good: its reader only starts after the
+        // other write is through. A watchdog turns that into a failure.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if !batching() {
+                    return;
+                }
+                let (full, full_reader) = pair().await;
+                let (other, other_reader) = pair().await;
+                // Fill `full` until the kernel takes no more.
+                full.writable().await.unwrap();
+                let chunk = vec![7u8; 1 << 16];
+                let mut queued = 0;
+                loop {
+                    match full.try_write(&chunk) {
+                        Ok(n) => queued += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                let before = ring::submissions();
+                let late = tokio::spawn(write_all(full, b"late".to_vec()));
+                let first = tokio::spawn(write_all(other, b"first".to_vec()));
+                let (_other, _, result) = first.await.unwrap();
+                result.unwrap();
+                assert_eq!(read_len(other_reader, 5).await, b"first");
+                assert_eq!(ring::submissions() - before, 1);
+                // Now the full socket drains, and its write goes out.
+                let drained = tokio::spawn(read_len(full_reader, queued + 4));
+                let (_full, _, result) = late.await.unwrap();
+                result.unwrap();
+                assert!(drained.await.unwrap().ends_with(b"late"));
+            });
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the batch went out without waiting for the full socket");
     }
 
     #[tokio::test]
