@@ -64,33 +64,26 @@ fn main() {
     register_all(small.addr, registrations(&upstreams, 1), 1);
     let big = GatewayProcess::start("[health_check]\ninterval = \"0s\"\n");
     register_all(big.addr, registrations(&upstreams, SERVICES), 16);
-    // Interleaved, so drift in the machine's load hits both alike; medians
-    // of three, as the shared machine is noisy.
-    let mut one = Vec::new();
-    let mut many = Vec::new();
-    for _ in 0..3 {
-        one.push(load(small.addr, "/call/service-0/", 64, warmup, duration));
-        many.push(load(
+    // Interleaved, so drift in the machine's load hits both alike; the
+    // median of the rounds' ratios, as the shared machine is noisy.
+    const ROUNDS: usize = 5;
+    let mut ratios = Vec::new();
+    for _ in 0..ROUNDS {
+        let one = load(small.addr, "/call/service-0/", 64, warmup, duration);
+        let many = load(
             big.addr,
             &format!("/call/service-{}/", SERVICES / 2),
             64,
             warmup,
             duration,
-        ));
+        );
+        println!("{}", row("1 service x 10 instances", &one));
+        println!("{}", row("10 000 services x 10 instances", &many));
+        ratios.push(many.rps() / one.rps());
     }
-    let median = |runs: &[support::Load]| {
-        let mut rps: Vec<f64> = runs.iter().map(|l| l.rps()).collect();
-        rps.sort_by(f64::total_cmp);
-        rps[rps.len() / 2]
-    };
-    for l in &one {
-        println!("{}", row("1 service x 10 instances", l));
-    }
-    for l in &many {
-        println!("{}", row("10 000 services x 10 instances", l));
-    }
+    ratios.sort_by(f64::total_cmp);
     println!(
-        "10 000-service / 1-service req/s (medians of 3): {:.3}",
-        median(&many) / median(&one)
+        "10 000-service / 1-service req/s (median of {ROUNDS} rounds' ratios): {:.3}",
+        ratios[ROUNDS / 2]
     );
 }
