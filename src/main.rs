@@ -143,6 +143,7 @@ fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
         addr = %local,
         %name,
         workers = threads.len() + 1,
+        batched_writes = switchyard::turn::batch_writes(),
         config = %source,
         "switchyard listening"
     );
