@@ -46,18 +46,15 @@ use tokio::net::TcpStream;
 /// other writes; gives both back, with the outcome. A write that fails has
 /// sent nothing, unless part of it went out before a later error.
 pub async fn write_all(stream: TcpStream, buf: Vec<u8>) -> (TcpStream, Vec<u8>, io::Result<()>) {
-    let ticket = match ring::enqueue(stream, buf) {
-        Ok(ticket) => ticket,
-        Err((mut stream, buf)) => {
-            // No batching here: wait for the end of the turn all the same,
-            // so that the writes of a turn still go out close together.
-            end_of_turn().await;
-            let result = stream.write_all(&buf).await;
-            return (stream, buf, result);
-        }
-    };
+    let queued = ring::enqueue(stream, buf);
+    // Without batching too, so that the writes of a turn still go out
+    // close together.
     end_of_turn().await;
-    let (mut stream, buf, sent) = ticket.take();
+    let (mut stream, buf, sent) = match queued {
+        Ok(ticket) => ticket.take(),
+        // Not batched here: nothing has been tried yet.
+        Err((stream, buf)) => (stream, buf, Err(io::ErrorKind::WouldBlock.into())),
+    };
     let result = match sent {
         Ok(n) if n == buf.len() => Ok(()),
         // The socket took part of it: the rest waits for room.
@@ -79,7 +76,7 @@ pub fn batch_writes() -> bool {
 /// caller goes on at the end of the turn, before the worker polls its
 /// sockets again. Not `tokio::task::yield_now`, which waits until after
 /// that poll: every write would then also wait behind the next turn's work.
-pub(crate) async fn end_of_turn() {
+async fn end_of_turn() {
     let mut queued = false;
     std::future::poll_fn(|cx| {
         if queued {
