@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use crate::body::{self, Body, CollectError};
 use crate::breaker::CircuitState;
 use crate::error::{ErrorCode, GatewayError};
+use crate::outcome::ClientFault;
 use crate::registry::{HealthStatus, Instance, Registered, Registration, Registry, ServiceEntry};
 
 /// Registry request bodies larger than this get 413.
@@ -162,27 +163,15 @@ where
             ));
         }
     }
-    // hyper has parsed Content-Length already: its size hint carries it.
+    // The body's size hint carries its Content-Length.
     let declared = request.body().size_hint().exact();
     if declared.is_some_and(|len| len > MAX_REGISTRY_BODY as u64) {
         return Err(body_too_large());
     }
-    let idle = registry.config().limits.body_idle_timeout;
-    let bytes = match body::collect_capped(request.into_body(), MAX_REGISTRY_BODY, idle).await {
+    let bytes = match body::collect_capped(request.into_body(), MAX_REGISTRY_BODY).await {
         Ok(bytes) => bytes,
         Err(CollectError::TooLarge) => return Err(body_too_large()),
-        Err(CollectError::Stalled) => {
-            return Err(GatewayError::new(
-                ErrorCode::RequestTimeout,
-                "the request body stalled past body_idle_timeout",
-            ));
-        }
-        Err(CollectError::Broken(e)) => {
-            return Err(GatewayError::new(
-                ErrorCode::BadRequest,
-                format!("could not read the request body: {e}"),
-            ));
-        }
+        Err(CollectError::Broken(e)) => return Err(ClientFault::of(&*e).into_error()),
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(GatewayError::new(

@@ -1,16 +1,53 @@
 //! The admin token (SPEC §6): with `gateway.admin_token` set, every registry
-//! write (`POST`, `DELETE`) needs `Authorization: Bearer <token>`; reads stay
-//! open. The comparison takes the same time wherever the tokens differ, so
-//! response timing does not reveal how much of a guess was right.
+//! write (`POST`, `PUT`, `PATCH`, `DELETE`) needs `Authorization: Bearer
+//! <token>`; reads stay open. The comparison takes the same time wherever
+//! the tokens differ, so response timing does not reveal how much of a
+//! guess was right.
+//!
+//! [`AdminToken`] is the check as a validator for tower-http's
+//! `ValidateRequestHeaderLayer`, the layer in front of the registry API.
 
-use http::{HeaderMap, Method, header};
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, Request, Response, header};
 use subtle::ConstantTimeEq;
+use tower_http::validate_request::ValidateRequest;
 
+use crate::body::Body;
 use crate::error::{ErrorCode, GatewayError};
 
 /// Whether `method` changes the registry.
 pub fn is_write(method: &Method) -> bool {
-    *method == Method::POST || *method == Method::DELETE
+    matches!(
+        *method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    )
+}
+
+/// Refuses registry writes that do not carry the admin token (401).
+#[derive(Debug, Clone)]
+pub struct AdminToken {
+    token: Arc<str>,
+}
+
+impl AdminToken {
+    /// An empty `token` lets every request through.
+    pub fn new(token: &str) -> Self {
+        Self {
+            token: token.into(),
+        }
+    }
+}
+
+impl<B> ValidateRequest<B> for AdminToken {
+    type ResponseBody = Body;
+
+    fn validate(&mut self, request: &mut Request<B>) -> Result<(), Response<Body>> {
+        if !is_write(request.method()) {
+            return Ok(());
+        }
+        authorize(&self.token, request.headers()).map_err(GatewayError::into_response)
+    }
 }
 
 /// `Ok` when no token is configured or the request carries it.
@@ -83,8 +120,28 @@ mod tests {
     }
 
     #[test]
-    fn writes_are_post_and_delete() {
-        assert!(is_write(&Method::POST) && is_write(&Method::DELETE));
-        assert!(!is_write(&Method::GET) && !is_write(&Method::HEAD) && !is_write(&Method::PUT));
+    fn writes_are_the_methods_that_change_things() {
+        for write in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+            assert!(is_write(&write), "{write}");
+        }
+        for read in [Method::GET, Method::HEAD, Method::OPTIONS] {
+            assert!(!is_write(&read), "{read}");
+        }
+    }
+
+    #[test]
+    fn the_validator_guards_writes_only() {
+        let mut token = AdminToken::new("s3cret");
+        let mut get = Request::get("/services").body(()).unwrap();
+        assert!(token.validate(&mut get).is_ok());
+        let mut post = Request::post("/services").body(()).unwrap();
+        let refused = token.validate(&mut post).unwrap_err();
+        assert_eq!(refused.status(), http::StatusCode::UNAUTHORIZED);
+        assert_eq!(refused.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let mut post = Request::post("/services")
+            .header("authorization", "Bearer s3cret")
+            .body(())
+            .unwrap();
+        assert!(token.validate(&mut post).is_ok());
     }
 }

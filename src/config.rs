@@ -77,6 +77,10 @@ pub struct ProxyConfig {
     /// upstreams' own keep-alive timeout.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// After response headers: a body (either way) that makes no progress
+    /// for this long aborts the exchange, and both connections close.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -85,6 +89,7 @@ impl Default for ProxyConfig {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(90),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -472,6 +477,7 @@ impl Config {
         positive("proxy.request_timeout", p.request_timeout, DAY)?;
         positive("proxy.connect_timeout", p.connect_timeout, HOUR)?;
         positive("proxy.pool_idle_timeout", p.pool_idle_timeout, DAY)?;
+        positive("proxy.idle_timeout", p.idle_timeout, DAY)?;
 
         validate_health(&self.health_check, "health_check")?;
         validate_breaker(&self.circuit_breaker, "circuit_breaker")?;

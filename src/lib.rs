@@ -8,28 +8,31 @@
 //! The modules, in the order a request meets them:
 //!
 //! - [`server`]: accept loop, connection limits, graceful shutdown; the
-//!   HTTP/1.1 fast path that serves the common proxied request itself and
-//!   hands everything else to hyper.
-//! - [`framing`]: the request-framing check hyper leaves to us.
+//!   gateway's own HTTP/1 server, and hyper's for HTTP/2.
+//! - [`http1`]: the one HTTP/1 codec, for the server and the client side.
+//! - [`stack`]: the gateway as one tower service, which every way in calls:
+//!   request ids, sensitive headers, body limits, then the router.
 //! - [`router`]: `/services*` → [`api`], `/call/*` → the proxy, `/healthz`.
 //! - [`api`]: the registry's REST handlers and their JSON shapes.
 //! - [`auth`]: the admin token that guards registry writes.
 //! - [`registry`]: services and instances, health state, the health checker.
 //! - [`breaker`]: the per-instance circuit breaker and its state machine.
+//! - [`outcome`]: how an attempt at an instance ended, for the breaker,
+//!   the retry decision and the error answer alike.
 //! - [`proxy`]: `/call/<service>/...`: forwarding, headers, the retry loop.
 //! - [`balance`]: picking an instance.
 //! - [`retry`]: retry decisions, the retry budget, the replay buffer.
 //! - [`upstream`]: the upstream policy, per-instance keep-alive connection
-//!   pools and the HTTP/1.1 client that uses them.
+//!   pools, the HTTP/1.1 client that uses them, and an attempt's time limit.
 //! - [`error`]: the gateway's errors and the one place they become HTTP.
 //! - [`body`]: the one body type, and bounded body reading.
 //! - [`config`]: `gateway.toml`, defaults, environment overrides, validation.
 //! - [`gateway`]: the shared state handed to every connection.
-//! - [`turn`]: writes that go out together at the end of the event loop's
-//!   turn, in one system call.
+//! - [`write_batch`]: writes that go out together at the end of the event
+//!   loop's turn, in one system call.
 
-// The one exception is `turn`'s io_uring submission, whose safety argument
-// is written beside it.
+// The one exception is `write_batch`'s io_uring submission, in a file of
+// its own whose documentation carries the safety argument.
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -39,15 +42,18 @@ pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod error;
-pub mod framing;
 pub mod gateway;
+pub mod http1;
+pub mod outcome;
 pub mod proxy;
 pub mod registry;
 pub mod retry;
 pub mod router;
 pub mod server;
-pub mod turn;
+pub mod stack;
 pub mod upstream;
+pub mod write_batch;
 
 pub use config::Config;
 pub use gateway::Gateway;
+pub use stack::{Peer, Stack};

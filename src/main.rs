@@ -143,7 +143,7 @@ fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
         addr = %local,
         %name,
         workers = threads.len() + 1,
-        batched_writes = switchyard::turn::batch_writes(),
+        batched_writes = switchyard::write_batch::batch_writes(),
         config = %source,
         "switchyard listening"
     );

@@ -1,43 +1,121 @@
-//! Which handler serves a request: `/services*` → the registry API (writes
-//! behind the admin token), `/call/<service>/*` → the proxy, `/healthz` →
-//! liveness, else 404. `CONNECT` is refused everywhere.
+//! Which handler serves a request: `/call/<service>/*` → the proxy,
+//! `/services*` → the registry API (writes behind the admin token),
+//! `/healthz` → liveness, else 404. `CONNECT` is refused everywhere.
+//!
+//! The router is the innermost service of the gateway's stack
+//! ([`crate::stack`]).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http::{Method, Request, Response};
-use hyper::body::Incoming;
+use tower::Service;
+use tower_http::validate_request::{ValidateRequestHeader, ValidateRequestHeaderLayer};
 
+use crate::api;
+use crate::auth::AdminToken;
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::proxy::{self, headers::Peer};
-use crate::{api, auth};
 
-pub async fn route(gateway: &Gateway, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
-    if request.method() == Method::CONNECT {
-        // Not a forward proxy: no tunnels to anywhere.
-        return GatewayError::method_not_allowed(
-            "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE",
-        )
-        .into_response();
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+/// Routes a request to the proxy or the registry API.
+#[derive(Clone)]
+pub struct Router {
+    gateway: Arc<Gateway>,
+    api: ValidateRequestHeader<Api, AdminToken>,
+}
+
+impl Router {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        let token = AdminToken::new(&gateway.config().gateway.admin_token);
+        let api = tower::ServiceBuilder::new()
+            .layer(ValidateRequestHeaderLayer::custom(token))
+            .service(Api {
+                gateway: gateway.clone(),
+            });
+        Self { gateway, api }
     }
-    let path = request.uri().path();
-    let result = if path.starts_with(proxy::path::PREFIX) {
-        return gateway
-            .proxy()
-            .forward(gateway.registry(), request, peer)
-            .await;
-    } else if path == "/services" || path.starts_with("/services/") {
-        if auth::is_write(request.method()) {
-            if let Err(e) =
-                auth::authorize(&gateway.config().gateway.admin_token, request.headers())
-            {
-                return e.into_response();
-            }
+}
+
+impl Service<Request<Body>> for Router {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> BoxFuture {
+        if request.method() == Method::CONNECT {
+            // Not a forward proxy: no tunnels to anywhere.
+            let refused = GatewayError::method_not_allowed(
+                "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE",
+            );
+            return Box::pin(std::future::ready(Ok(refused.into_response())));
         }
-        api::handle(gateway.registry(), request).await
-    } else if path == "/healthz" {
-        api::healthz(request.method())
-    } else {
-        Err(api::not_found(path))
-    };
-    result.unwrap_or_else(|e| e.into_response())
+        let path = request.uri().path();
+        if path.starts_with(proxy::path::PREFIX) {
+            let gateway = self.gateway.clone();
+            return Box::pin(async move {
+                let peer = request
+                    .extensions()
+                    .get::<Peer>()
+                    .cloned()
+                    .unwrap_or_else(Peer::unknown);
+                Ok(gateway
+                    .proxy()
+                    .forward(gateway.registry(), request, &peer)
+                    .await)
+            });
+        }
+        if path == "/services" || path.starts_with("/services/") {
+            let mut api = self.api.clone();
+            return Box::pin(async move {
+                match api.call(request).await {
+                    Ok(response) => Ok(response),
+                    Err(never) => match never {},
+                }
+            });
+        }
+        let answer = if path == "/healthz" {
+            api::healthz(request.method())
+        } else {
+            Err(api::not_found(path))
+        };
+        Box::pin(std::future::ready(Ok(
+            answer.unwrap_or_else(GatewayError::into_response)
+        )))
+    }
+}
+
+/// The registry API as a service, for the admin-token layer to wrap.
+#[derive(Clone)]
+pub struct Api {
+    gateway: Arc<Gateway>,
+}
+
+impl Service<Request<Body>> for Api {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> BoxFuture {
+        let gateway = self.gateway.clone();
+        Box::pin(async move {
+            Ok(api::handle(gateway.registry(), request)
+                .await
+                .unwrap_or_else(GatewayError::into_response))
+        })
+    }
 }

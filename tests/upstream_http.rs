@@ -117,7 +117,7 @@ async fn chunked_responses_are_decoded_with_extensions_and_trailers() {
     let gw = TestGateway::start(QUIET).await;
     let up = Scripted::start(|_| Answer {
         chunk: 3,
-        ..answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 999\r\n\r\n5;name=value\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Checksum: 1\r\n\r\n")
+        ..answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Checksum: 1\r\n\r\n")
     })
     .await;
     gw.register("svc", &up.url).await;
@@ -127,6 +127,28 @@ async fn chunked_responses_are_decoded_with_extensions_and_trailers() {
         assert_eq!(reply.text(), "hello world");
     }
     assert_eq!(up.connections(), 1, "reused after each chunked body");
+}
+
+#[tokio::test]
+async fn a_response_with_both_framing_headers_is_read_by_chunks_and_its_connection_dropped() {
+    let gw = TestGateway::start(QUIET).await;
+    let up = Scripted::start(|_| {
+        answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 999\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    for _ in 0..2 {
+        let reply = gw.get("/call/svc/x").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "hello");
+        assert_ne!(
+            reply.header("content-length"),
+            Some("999"),
+            "the framing is the gateway's"
+        );
+    }
+    // RFC 9112 §6.3: such a message may be an attempt at response splitting.
+    assert_eq!(up.connections(), 2, "never reused");
 }
 
 #[tokio::test]

@@ -5,8 +5,9 @@ use std::task::{Context, Poll, ready};
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::{CircuitOpen, Outcome, Permit, classify};
+use super::{CircuitOpen, Permit};
 use crate::body::BoxError;
+use crate::outcome::Outcome;
 
 pin_project! {
     /// The response of a call through [`super::CircuitBreaker`]: records the
@@ -54,14 +55,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             StateProj::Called { inner, permit } => {
-                let result = ready!(inner.poll(cx));
+                let result = ready!(inner.poll(cx)).map_err(Into::into);
                 if let Some(permit) = permit.take() {
-                    match classify(&result) {
-                        Outcome::Success => permit.success(),
-                        Outcome::Failure => permit.failure(),
-                    }
+                    permit.settle(Outcome::of(&result));
                 }
-                Poll::Ready(result.map_err(Into::into))
+                Poll::Ready(result)
             }
             StateProj::Refused { error } => Poll::Ready(Err((*error).into())),
         }

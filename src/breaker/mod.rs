@@ -3,12 +3,15 @@
 //! `CircuitBreakerLayer::new(breaker)` wraps the service that calls one
 //! instance. Each call first asks the instance's circuit for admission: when
 //! it refuses, the call fails at once with [`CircuitOpen`] and the instance
-//! is not touched. Otherwise the response is classified when it arrives
-//! (headers, not the end of the body): an error (connect failure, timeout,
-//! broken response) or a status ≥ 500 is a failure, anything else a success.
+//! is not touched. Otherwise the attempt's outcome is classified when it
+//! arrives (response headers, not the end of the body) by the one
+//! classifier the retry decision reads too ([`crate::outcome`]): the
+//! instance's failures (connect failure, timeout, broken response, status
+//! ≥ 500) count against it, its successes for it, and what was not its
+//! doing (the client's body failing, the caller giving up) not at all.
 //!
 //! Classification, admission and the trip policy are kept apart, as in
-//! linkerd's breaker: [`classify`] decides what counts as a failure,
+//! linkerd's breaker: [`crate::outcome::Outcome::of`] decides what counts as a failure,
 //! [`shared::Breaker`] admits and records, and [`state::BreakerMachine`]
 //! holds the trip policy as plain data.
 
@@ -42,6 +45,10 @@ impl<S> CircuitBreaker<S> {
     pub fn new(inner: S, breaker: Arc<Breaker>) -> Self {
         Self { inner, breaker }
     }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S, Req, RB> Service<Req> for CircuitBreaker<S>
@@ -66,23 +73,6 @@ where
                 retry_after: refused.retry_after,
             }),
         }
-    }
-}
-
-/// What a call's result means for the circuit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Success,
-    Failure,
-}
-
-/// A failure is an error (connect failure, timeout, broken response) or a
-/// response status ≥ 500 (SPEC §5); everything else is a success.
-pub fn classify<RB, E>(result: &Result<Response<RB>, E>) -> Outcome {
-    match result {
-        Ok(response) if response.status().is_server_error() => Outcome::Failure,
-        Ok(_) => Outcome::Success,
-        Err(_) => Outcome::Failure,
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::state::{Admission, BreakerMachine, CircuitState, Refused, Transition};
 use crate::config::CircuitBreakerConfig;
+use crate::outcome::Outcome;
 
 #[derive(Debug)]
 pub struct Breaker {
@@ -88,6 +89,19 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// Records the attempt's outcome: the instance's failure counts
+    /// against it, a response that is not one for it, and anything that
+    /// was not the instance's doing (a client fault, a cancellation) gives
+    /// the permit back without counting.
+    pub fn settle(self, outcome: Outcome) {
+        if outcome.is_instance_failure() {
+            self.failure();
+        } else if let Outcome::Response(_) = outcome {
+            self.success();
+        }
+        // Otherwise dropped unsettled: any probe slot comes back.
+    }
+
     pub fn success(mut self) {
         if let Some(admission) = self.admission.take() {
             let transition = self.breaker.lock().on_success(admission);

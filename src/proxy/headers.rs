@@ -14,15 +14,15 @@ use std::net::SocketAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use rand::{Rng, RngExt};
 
+use crate::http1::encode::field;
+use crate::http1::hop::{ConnectionOptions, is_hop_by_hop};
+
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Names the instance that answered, on every proxied response.
 pub static X_SWITCHYARD_UPSTREAM: HeaderName = HeaderName::from_static("x-switchyard-upstream");
-
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// The client end of one connection, with its `X-Forwarded-For` entry
 /// written once for every request the connection carries.
@@ -40,62 +40,13 @@ impl Peer {
             forwarded_for: HeaderValue::try_from(ip).unwrap_or(HeaderValue::from_static("unknown")),
         }
     }
-}
 
-/// The fixed hop-by-hop headers (RFC 9110 §7.6.1).
-static HOP_BY_HOP: [&HeaderName; 7] = [
-    &header::CONNECTION,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &header::TE,
-    &header::TRAILER,
-    &header::TRANSFER_ENCODING,
-    &header::UPGRADE,
-];
-
-/// Whether `name` is one of the fixed hop-by-hop headers.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name)
-}
-
-/// What `Connection` values say (RFC 9110 §7.6.1): `close`, `keep-alive`,
-/// and the other headers they name, which are hop-by-hop too. Read once
-/// for requests, responses and the fast path alike.
-#[derive(Debug, Default)]
-pub struct ConnectionOptions {
-    pub close: bool,
-    pub keep_alive: bool,
-    /// The other headers named; usually none, and then nothing is allocated.
-    pub listed: Vec<HeaderName>,
-    /// Something that is not a header name was named (or the value is not text).
-    pub unreadable: bool,
-}
-
-impl ConnectionOptions {
-    /// The options of every value given.
-    pub fn of<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Self {
-        let mut options = Self::default();
-        for value in values {
-            options.add(value.as_bytes());
-        }
-        options
-    }
-
-    /// Takes in one more `Connection` value. Read as bytes: a name is
-    /// ASCII, and anything else makes it unreadable. Empty list elements
-    /// are skipped (RFC 9110 §5.6.1).
-    pub fn add(&mut self, value: &[u8]) {
-        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            if token.eq_ignore_ascii_case(b"close") {
-                self.close = true;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                self.keep_alive = true;
-            } else if !token.is_empty() {
-                match HeaderName::from_bytes(token) {
-                    Ok(name) => self.listed.push(name),
-                    Err(_) => self.unreadable = true,
-                }
-            }
+    /// A client whose address the server that took the request did not
+    /// say: forwarded as `unknown`.
+    pub fn unknown() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            forwarded_for: HeaderValue::from_static("unknown"),
         }
     }
 }
@@ -110,19 +61,18 @@ impl ConnectionOptions {
 /// body), the framing headers (the upstream connection frames what it
 /// sends) and the ones rewritten here: `X-Forwarded-For` gets the client's
 /// address appended, `X-Forwarded-Proto` is set, `X-Forwarded-Host` becomes
-/// the client's `Host` (`host`), `X-Request-Id` is kept or made up, and
-/// `Via` gets this gateway's entry appended. Header values cannot hold CR
+/// the client's `Host` (`host`), and `Via` gets this gateway's entry
+/// appended. (`X-Request-Id` is kept as it comes: the gateway's stack has
+/// made one up when the client sent none.) Header values cannot hold CR
 /// or LF, so nothing a client sends can add a line of its own.
-pub fn forward_fields<R: Rng + ?Sized>(
+pub fn forward_fields(
     headers: &HeaderMap,
     peer: &Peer,
     host: Option<&HeaderValue>,
     via: &HeaderValue,
-    rng: &mut R,
 ) -> Vec<u8> {
     let listed = ConnectionOptions::of(headers.get_all(header::CONNECTION).iter()).listed;
     let mut out = Vec::with_capacity(256);
-    let mut has_request_id = false;
     for (name, value) in headers {
         let rewritten = *name == header::HOST
             || *name == header::EXPECT
@@ -134,7 +84,6 @@ pub fn forward_fields<R: Rng + ?Sized>(
         if rewritten || is_hop_by_hop(name) || listed.contains(name) {
             continue;
         }
-        has_request_id |= *name == X_REQUEST_ID;
         field(&mut out, name.as_str(), value.as_bytes());
     }
     append_to_list(
@@ -147,19 +96,8 @@ pub fn forward_fields<R: Rng + ?Sized>(
     if let Some(host) = host {
         field(&mut out, X_FORWARDED_HOST.as_str(), host.as_bytes());
     }
-    if !has_request_id {
-        field(&mut out, X_REQUEST_ID.as_str(), &request_id(rng));
-    }
     append_to_list(&mut out, &header::VIA, headers, via.as_bytes());
     out
-}
-
-/// Writes one `name: value\r\n` header line.
-pub fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes `name` as one list (RFC 9110 §5.3): every value the client sent,
@@ -189,7 +127,7 @@ pub fn passed_through(headers: &HeaderMap, name: &str) -> bool {
 
 /// A random version 4 UUID, written without the formatting machinery (it
 /// runs on every request that arrives without an id).
-fn request_id<R: Rng + ?Sized>(rng: &mut R) -> [u8; 36] {
+pub fn request_id<R: Rng + ?Sized>(rng: &mut R) -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits: u128 = rng.random();
     // Version 4, variant 10 (RFC 9562 §5.4).
@@ -225,14 +163,12 @@ mod tests {
 
     /// The fields forwarded for `pairs`, read back as (name, value) lines.
     fn forwarded(pairs: &[(&str, &str)], host: Option<&str>, peer: &str) -> Vec<(String, String)> {
-        let mut rng = SmallRng::seed_from_u64(1);
         let host = host.map(|h| HeaderValue::try_from(h).unwrap());
         let out = forward_fields(
             &headers(pairs),
             &Peer::new(peer.parse().unwrap()),
             host.as_ref(),
             &HeaderValue::from_static("1.1 registry"),
-            &mut rng,
         );
         let text = String::from_utf8(out).unwrap();
         assert!(text.ends_with("\r\n"), "{text:?}");
@@ -250,29 +186,6 @@ mod tests {
             .filter(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
             .collect()
-    }
-
-    #[test]
-    fn connection_values_are_read_as_comma_separated_tokens() {
-        let read = |values: &[&[u8]]| {
-            let mut options = ConnectionOptions::default();
-            for value in values {
-                options.add(value);
-            }
-            options
-        };
-        let o = read(&[b"keep-alive"]);
-        assert!(o.keep_alive && !o.close && o.listed.is_empty() && !o.unreadable);
-        let o = read(&[b" Keep-Alive , X-Trace", b"CLOSE"]);
-        assert!(o.keep_alive && o.close && !o.unreadable);
-        assert_eq!(o.listed, [HeaderName::from_static("x-trace")]);
-        // Empty list elements are allowed and mean nothing.
-        let o = read(&[b"close,, ,"]);
-        assert!(o.close && o.listed.is_empty() && !o.unreadable);
-        // Not a header name: a space inside, or bytes beyond ASCII.
-        assert!(read(&[b"x trace"]).unreadable);
-        assert!(read(&[b"close, \xc3\xa9t\xc3\xa9"]).unreadable);
-        assert!(read(&[b"close, \xff"]).close);
     }
 
     #[test]
@@ -308,8 +221,6 @@ mod tests {
                 "via"
             ]
         );
-        assert!(is_hop_by_hop(&header::TRANSFER_ENCODING));
-        assert!(!is_hop_by_hop(&header::CONTENT_TYPE));
     }
 
     #[test]
@@ -334,9 +245,13 @@ mod tests {
         assert_eq!(value(&fields, "x-forwarded-host"), ["gateway.local:8080"]);
         assert!(value(&fields, "expect").is_empty());
         assert!(value(&fields, "host").is_empty(), "each attempt sets Host");
-        let ids = value(&fields, "x-request-id");
-        assert_eq!(ids.len(), 1);
-        let id = ids[0];
+    }
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let id = request_id(&mut rng);
+        let id = std::str::from_utf8(&id).unwrap();
         assert_eq!(id.len(), 36);
         let dashes: Vec<_> = id.match_indices('-').map(|(i, _)| i).collect();
         assert_eq!(dashes, [8, 13, 18, 23], "{id}");

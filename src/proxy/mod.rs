@@ -9,14 +9,16 @@
 //!    if it is small enough ([`crate::retry::replay`]).
 //! 3. The retry loop: pick a routable instance not tried yet
 //!    ([`crate::balance`]), call it through its stack
-//!    `CircuitBreaker<AttemptTimeout<PoolService>>`, and on failure ask
-//!    [`crate::retry::decide`] whether to try again after a full-jitter
-//!    backoff. A circuit that refuses at the last moment costs no attempt.
+//!    ([`crate::registry::InstanceStack`]: its circuit breaker over the
+//!    attempt's time limit over its connection pools), classify what came
+//!    back ([`crate::outcome`]), and on failure ask [`crate::retry::decide`]
+//!    whether to try again after a full-jitter backoff. A circuit that
+//!    refuses at the last moment costs no attempt; a client whose body
+//!    fails gets its own error (408, 400), never blamed on the instance.
 //! 4. The response streams back with its hop-by-hop headers removed and
 //!    `x-switchyard-upstream` added; or, when nothing answered, the gateway's
 //!    error ([`rescue`]).
 
-mod deadline;
 pub mod headers;
 pub mod path;
 
@@ -31,14 +33,14 @@ use tokio::time::Instant;
 
 use crate::balance;
 use crate::body::{Body, BoxError};
-use crate::breaker::{CircuitBreaker, CircuitOpen, CircuitState};
+use crate::breaker::CircuitState;
 use crate::config::Config;
 use crate::error::{ErrorCode, GatewayError};
-use crate::registry::{HealthStatus, Instance, Registry, ServiceEntry};
-use crate::retry::replay::{ReadError, RequestBody};
-use crate::retry::{self, Failure, RequestTraits};
-use crate::upstream::{Outbound, PoolService, UpstreamBody, UpstreamError};
-pub use deadline::{AttemptTimeout, Deadline, TimedOut};
+use crate::outcome::{ClientFault, Failure, Outcome};
+use crate::registry::{HealthStatus, Instance, InstanceStack, Registry, ServiceEntry};
+use crate::retry::replay::RequestBody;
+use crate::retry::{self, RequestTraits};
+use crate::upstream::{Deadline, Outbound, UpstreamBody};
 use headers::Peer;
 use path::CallTarget;
 
@@ -63,17 +65,7 @@ pub struct Proxy {
     name: String,
     via: HeaderValue,
     request_timeout: Duration,
-    body_idle_timeout: Duration,
     rng: RngSource,
-}
-
-/// How one attempt ended, when it did not end with a response.
-enum AttemptError {
-    /// The circuit refused at call time: nothing was sent, no attempt spent.
-    Refused,
-    /// The client's streamed body stalled or broke while being sent.
-    ClientBody(ReadError),
-    Failed(Failure),
 }
 
 impl Proxy {
@@ -87,7 +79,6 @@ impl Proxy {
             name,
             via,
             request_timeout: config.proxy.request_timeout,
-            body_idle_timeout: config.limits.body_idle_timeout,
             rng: match seed {
                 Some(seed) => RngSource::Seeded(Mutex::new(SmallRng::seed_from_u64(seed))),
                 None => RngSource::Thread,
@@ -95,9 +86,8 @@ impl Proxy {
         }
     }
 
-    /// Forwards one `/call/...` request; every failure becomes the gateway's
-    /// JSON error. `B` is hyper's streaming body, or a body the HTTP/1.1
-    /// fast path has read whole.
+    /// Forwards one `/call/...` request from the client `peer`; every
+    /// failure becomes the gateway's JSON error.
     pub async fn forward<B>(
         &self,
         registry: &Registry,
@@ -153,17 +143,10 @@ impl Proxy {
         // hyper has parsed Content-Length already: its size hint carries it.
         let declared = http_body::Body::size_hint(&body).exact();
         let declare_empty = parts.headers.contains_key(header::CONTENT_LENGTH);
-        let fields = self.rng.with(|rng| {
-            headers::forward_fields(&parts.headers, peer, client_host.as_ref(), &self.via, rng)
-        });
-        let body = RequestBody::read(
-            body,
-            declared,
-            policy.max_replay_body_bytes,
-            self.body_idle_timeout,
-        )
-        .await
-        .map_err(body_error)?;
+        let fields = headers::forward_fields(&parts.headers, peer, client_host.as_ref(), &self.via);
+        let body = RequestBody::read(body, declared, policy.max_replay_body_bytes)
+            .await
+            .map_err(|e| ClientFault::of(&*e).into_error())?;
 
         let deadline = Instant::now() + self.request_timeout;
         let per_try = policy.effective_per_try_timeout(self.request_timeout);
@@ -191,20 +174,18 @@ impl Proxy {
                     upload,
                 },
             };
-            let mut request = Outbound::new(
+            let mut request = Outbound::with_deadline(
                 parts.method.clone(),
                 &instance.url().target(target.rest, target.query),
                 instance.url().host_header(),
                 &fields,
                 attempt_body,
+                attempt_deadline,
             );
             request.declare_empty |= declare_empty;
-            let stack = CircuitBreaker::new(
-                AttemptTimeout::new(PoolService::new(instance.pool().clone()), attempt_deadline),
-                instance.breaker().clone(),
-            );
-            let failure = match call(stack, request).await {
-                Ok(response) => {
+            let result = call(instance.stack().clone(), request).await;
+            let failure = match (Outcome::of(&result), result) {
+                (_, Ok(response)) => {
                     attempts += 1;
                     let status = response.status().as_u16();
                     let failure = if policy.retry_on_status.contains(&status) {
@@ -219,29 +200,30 @@ impl Proxy {
                     last_response = Some((response, instance.clone()));
                     failure
                 }
-                Err(error) => match attempt_error(&error, &body) {
-                    AttemptError::ClientBody(fault) => {
-                        // The client's own body failed: its fault, not the instance's.
-                        tracing::debug!(service = service.name(), error = %error, "request body failed");
-                        return Err(body_error(fault));
-                    }
-                    AttemptError::Refused => {
-                        refused.push(instance);
-                        continue;
-                    }
-                    AttemptError::Failed(failure) => {
-                        attempts += 1;
-                        tracing::debug!(
-                            service = service.name(),
-                            instance = instance.id(),
-                            attempt = attempts,
-                            error = %error,
-                            "attempt failed"
-                        );
-                        last_failure = failure;
-                        failure
-                    }
-                },
+                (Outcome::ClientFault(fault), Err(error)) => {
+                    // The client's own body failed: its fault, not the instance's.
+                    tracing::debug!(service = service.name(), error = %error, "request body failed");
+                    return Err(fault.into_error());
+                }
+                (Outcome::Refused, Err(_)) => {
+                    refused.push(instance);
+                    continue;
+                }
+                (outcome, Err(error)) => {
+                    attempts += 1;
+                    tracing::debug!(
+                        service = service.name(),
+                        instance = instance.id(),
+                        attempt = attempts,
+                        error = %error,
+                        "attempt failed"
+                    );
+                    last_failure = match outcome {
+                        Outcome::Failed(failure) => failure,
+                        _ => Failure::Broken,
+                    };
+                    last_failure
+                }
             };
             if Instant::now() >= deadline {
                 last_failure = Failure::Timeout;
@@ -299,10 +281,6 @@ impl Proxy {
     }
 }
 
-/// One instance's stack: its circuit around the attempt's time limit around
-/// its connection pool.
-type InstanceStack = CircuitBreaker<AttemptTimeout<PoolService>>;
-
 /// Sends one attempt through `stack`. Written out with its concrete types:
 /// the generic `ServiceExt::oneshot` trips the compiler's `Send` inference
 /// over the boxed error's lifetime.
@@ -324,36 +302,6 @@ fn finish(response: Response<UpstreamBody>, instance: &Instance) -> Response<Bod
         instance.id_header().clone(),
     );
     Response::from_parts(parts, body.boxed_unsync())
-}
-
-fn attempt_error(error: &BoxError, body: &RequestBody) -> AttemptError {
-    if error.is::<CircuitOpen>() {
-        return AttemptError::Refused;
-    }
-    if let Some(fault) = body.fault() {
-        return AttemptError::ClientBody(fault);
-    }
-    if error.is::<TimedOut>() {
-        return AttemptError::Failed(Failure::Timeout);
-    }
-    match error.downcast_ref::<UpstreamError>() {
-        Some(e) if e.is_forbidden() => AttemptError::Failed(Failure::Forbidden),
-        Some(e) if e.is_connect() => AttemptError::Failed(Failure::Connect),
-        _ => AttemptError::Failed(Failure::Broken),
-    }
-}
-
-fn body_error(error: ReadError) -> GatewayError {
-    match error {
-        ReadError::Stalled => GatewayError::new(
-            ErrorCode::RequestTimeout,
-            "the request body stalled past body_idle_timeout",
-        ),
-        ReadError::Broken(e) => GatewayError::new(
-            ErrorCode::BadRequest,
-            format!("the request body could not be read: {e}"),
-        ),
-    }
 }
 
 fn no_instance(service: &str) -> GatewayError {

@@ -1,5 +1,5 @@
-//! One registered instance: what was registered, plus its live health and
-//! circuit state.
+//! One registered instance: what was registered, its live health and
+//! circuit state, and the tower stack that calls it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,8 +10,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::health::{Health, HealthStatus};
 use super::validate::InstanceUrl;
-use crate::breaker::Breaker;
-use crate::upstream::Pool;
+use crate::breaker::{Breaker, CircuitBreaker, CircuitBreakerLayer};
+use crate::upstream::{AttemptTimeout, AttemptTimeoutLayer, Pool, PoolService};
+
+/// One instance's stack (SPEC §10): its circuit breaker over one attempt's
+/// time limit over its connection pools. Built once, with the instance;
+/// each attempt calls a clone, which costs reference counts only.
+pub type InstanceStack = CircuitBreaker<AttemptTimeout<PoolService>>;
 
 #[derive(Debug)]
 pub struct Instance {
@@ -24,9 +29,10 @@ pub struct Instance {
     registered_at: SystemTime,
     health: Arc<Health>,
     breaker: Arc<Breaker>,
-    /// Keep-alive connections to this instance, one pool per worker thread
-    /// so a connection is only ever used by the thread that drives it.
-    pools: Arc<[Arc<Pool>]>,
+    /// Calls the instance: the breaker above, over keep-alive connections
+    /// in one pool per worker thread, so a connection is only ever used by
+    /// the thread that drives it.
+    stack: InstanceStack,
     /// Cancelled when the instance is removed or the gateway stops: ends its
     /// health checker.
     stop: CancellationToken,
@@ -42,6 +48,11 @@ impl Instance {
         pools: Arc<[Arc<Pool>]>,
         stop: CancellationToken,
     ) -> Self {
+        let breaker = Arc::new(breaker);
+        let stack = tower::ServiceBuilder::new()
+            .layer(CircuitBreakerLayer::new(breaker.clone()))
+            .layer(AttemptTimeoutLayer)
+            .service(PoolService::new(pools));
         Self {
             // Ids are validated to header-safe characters at registration.
             id_header: HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("-")),
@@ -51,8 +62,8 @@ impl Instance {
             metadata,
             registered_at: SystemTime::now(),
             health: Arc::default(),
-            breaker: Arc::new(breaker),
-            pools,
+            breaker,
+            stack,
             stop,
         }
     }
@@ -68,7 +79,7 @@ impl Instance {
             registered_at: self.registered_at,
             health: self.health.clone(),
             breaker: self.breaker.clone(),
-            pools: self.pools.clone(),
+            stack: self.stack.clone(),
             stop: self.stop.clone(),
         }
     }
@@ -109,9 +120,14 @@ impl Instance {
         &self.breaker
     }
 
+    /// The stack that calls this instance.
+    pub fn stack(&self) -> &InstanceStack {
+        &self.stack
+    }
+
     /// The current worker's pool of connections to this instance.
     pub fn pool(&self) -> &Arc<Pool> {
-        &self.pools[crate::upstream::worker() % self.pools.len()]
+        self.stack.get_ref().get_ref().pool()
     }
 
     pub(super) fn stop_token(&self) -> &CancellationToken {

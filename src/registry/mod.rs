@@ -28,7 +28,7 @@ use crate::retry::RetryBudget;
 use crate::upstream::{Pool, PoolSettings};
 pub use checker::{HealthChecker, MAX_CONCURRENT_CHECKS};
 pub use health::{Flip, Health, HealthStatus, HealthTracker};
-pub use instance::Instance;
+pub use instance::{Instance, InstanceStack};
 use validate::InstanceUrl;
 
 /// One service as the proxy and the API see it at one moment.

@@ -24,27 +24,8 @@ use http::{HeaderMap, Method};
 use rand::{Rng, RngExt};
 
 use crate::config::RetryConfig;
+pub use crate::outcome::Failure;
 pub use budget::RetryBudget;
-
-/// What went wrong with one attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// No connection could be made: nothing was sent.
-    Connect,
-    /// The instance's address is outside the upstream policy: nothing was sent.
-    Forbidden,
-    /// No response headers within the attempt's time.
-    Timeout,
-    /// The request went out but the response was broken (reset, garbage).
-    Broken,
-    /// A complete response whose status is in `retry_on_status`.
-    Status(u16),
-    /// A 5xx response from an instance whose circuit it left open (the
-    /// failure that tripped it, or a failed half-open probe). The gateway has
-    /// judged the instance broken, so its answer is not passed on as the
-    /// service's if another instance can be asked.
-    Tripped(u16),
-}
 
 /// Why a failed attempt is not tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,14 +6,14 @@
 //! whole in memory, and can be sent only once; it waits in a slot until an
 //! attempt's connection starts reading it, so an attempt that fails to
 //! connect (nothing sent) leaves it in place for the next one.
+//!
+//! A client body that stalls fails with the gateway's idle limit (the
+//! stack puts it on every request body), read here like any other error.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -22,46 +22,12 @@ use tokio::sync::watch;
 
 use crate::body::{self, Body, BoxError};
 
-/// Why the request body could not be read.
-#[derive(Debug)]
-pub enum ReadError {
-    /// No progress for `body_idle_timeout`.
-    Stalled,
-    /// The client's body broke off (reset, bad chunking).
-    Broken(BoxError),
-}
-
 /// The request body of one proxied request.
 pub enum RequestBody {
     /// Empty or read in full: every attempt sends a copy.
     Buffered(Bytes),
-    /// Too large to keep: sent at most once, and watched as it streams.
-    Streamed {
-        slot: Arc<Mutex<Option<Body>>>,
-        fault: Arc<Fault>,
-    },
-}
-
-/// What went wrong with a streamed body on its way to the upstream, so the
-/// client is told it was its own body (408, 400), not the upstream (502).
-#[derive(Debug, Default)]
-pub struct Fault(AtomicU8);
-
-impl Fault {
-    const STALLED: u8 = 1;
-    const BROKEN: u8 = 2;
-
-    fn set(&self, fault: u8) {
-        self.0.store(fault, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> Option<ReadError> {
-        match self.0.load(Ordering::Relaxed) {
-            Self::STALLED => Some(ReadError::Stalled),
-            Self::BROKEN => Some(ReadError::Broken("the request body broke off".into())),
-            _ => None,
-        }
-    }
+    /// Too large to keep: sent at most once.
+    Streamed { slot: Arc<Mutex<Option<Body>>> },
 }
 
 /// Resolves once an attempt's streamed body has been sent to its end (or
@@ -71,12 +37,12 @@ pub type UploadDone = watch::Receiver<bool>;
 impl RequestBody {
     /// Reads up to `max_replay` bytes; a body that ends within them is
     /// buffered, a longer one (or one declared longer) is streamed.
+    /// The body's own error (the client's fault) is returned as it came.
     pub async fn read<B>(
         body: B,
         declared_length: Option<u64>,
         max_replay: u64,
-        idle_timeout: Duration,
-    ) -> Result<Self, ReadError>
+    ) -> Result<Self, BoxError>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -87,17 +53,12 @@ impl RequestBody {
         }
         let mut body = body::boxed(body);
         if declared_length.is_some_and(|len| len > max_replay) {
-            return Ok(Self::streamed(body, idle_timeout));
+            return Ok(Self::streamed(body));
         }
         let mut chunks = VecDeque::new();
         let mut total = 0u64;
-        loop {
-            let frame = match tokio::time::timeout(idle_timeout, body.frame()).await {
-                Err(_) => return Err(ReadError::Stalled),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(ReadError::Broken(e)),
-                Ok(Some(Ok(frame))) => frame,
-            };
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
             // Request trailers are rare and not forwarded from a buffered body.
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -109,7 +70,7 @@ impl RequestBody {
                     prefix: chunks,
                     rest: body,
                 });
-                return Ok(Self::streamed(rest, idle_timeout));
+                return Ok(Self::streamed(rest));
             }
         }
         let bytes = match chunks.len() {
@@ -126,17 +87,9 @@ impl RequestBody {
         Ok(Self::Buffered(bytes))
     }
 
-    fn streamed(body: Body, idle_timeout: Duration) -> Self {
-        let fault = Arc::new(Fault::default());
-        let watched = Watched {
-            inner: body,
-            idle_timeout,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
-            fault: fault.clone(),
-        };
+    fn streamed(body: Body) -> Self {
         Self::Streamed {
-            slot: Arc::new(Mutex::new(Some(body::boxed(watched)))),
-            fault,
+            slot: Arc::new(Mutex::new(Some(body))),
         }
     }
 
@@ -144,15 +97,7 @@ impl RequestBody {
     pub fn replayable(&self) -> bool {
         match self {
             Self::Buffered(_) => true,
-            Self::Streamed { slot, .. } => lock(slot).is_some(),
-        }
-    }
-
-    /// Whether the client's body stalled or broke while it was streamed.
-    pub fn fault(&self) -> Option<ReadError> {
-        match self {
-            Self::Buffered(_) => None,
-            Self::Streamed { fault, .. } => fault.get(),
+            Self::Streamed { slot } => lock(slot).is_some(),
         }
     }
 
@@ -162,7 +107,7 @@ impl RequestBody {
         match self {
             Self::Buffered(bytes) if bytes.is_empty() => Some((body::empty(), None)),
             Self::Buffered(bytes) => Some((body::full(bytes.clone()), None)),
-            Self::Streamed { slot, .. } => {
+            Self::Streamed { slot } => {
                 if lock(slot).is_none() {
                     return None;
                 }
@@ -180,54 +125,6 @@ impl RequestBody {
 
 fn lock(slot: &Mutex<Option<Body>>) -> std::sync::MutexGuard<'_, Option<Body>> {
     slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// A streamed client body under watch: no progress for `idle_timeout`
-/// ends it with an error, and any failure is noted in `fault`.
-struct Watched {
-    inner: Body,
-    idle_timeout: Duration,
-    idle: Pin<Box<tokio::time::Sleep>>,
-    fault: Arc<Fault>,
-}
-
-impl http_body::Body for Watched {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let next = tokio::time::Instant::now() + this.idle_timeout;
-                this.idle.as_mut().reset(next);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.fault.set(Fault::BROKEN);
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    this.fault.set(Fault::STALLED);
-                    Poll::Ready(Some(Err("the request body stalled".into())))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// The chunks read while deciding, then the rest of the body.
@@ -347,13 +244,9 @@ mod tests {
         body.collect().await.unwrap().to_bytes().to_vec()
     }
 
-    const IDLE: Duration = Duration::from_secs(1);
-
     #[tokio::test]
     async fn small_bodies_are_buffered_and_replayed() {
-        let body = RequestBody::read(chunks(3, 10), None, 64, IDLE)
-            .await
-            .unwrap();
+        let body = RequestBody::read(chunks(3, 10), None, 64).await.unwrap();
         assert!(matches!(body, RequestBody::Buffered(ref b) if b.len() == 30));
         for _ in 0..3 {
             let (attempt, upload) = body.for_attempt().unwrap();
@@ -365,11 +258,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_of_exactly_the_limit_is_buffered() {
-        let body = RequestBody::read(chunks(2, 32), None, 64, IDLE)
-            .await
-            .unwrap();
+        let body = RequestBody::read(chunks(2, 32), None, 64).await.unwrap();
         assert!(matches!(body, RequestBody::Buffered(ref b) if b.len() == 64));
-        let body = RequestBody::read(chunks(2, 32), Some(64), 64, IDLE)
+        let body = RequestBody::read(chunks(2, 32), Some(64), 64)
             .await
             .unwrap();
         assert!(matches!(body, RequestBody::Buffered(_)));
@@ -377,9 +268,7 @@ mod tests {
 
     #[tokio::test]
     async fn large_bodies_stream_once_with_nothing_lost() {
-        let body = RequestBody::read(chunks(10, 10), None, 25, IDLE)
-            .await
-            .unwrap();
+        let body = RequestBody::read(chunks(10, 10), None, 25).await.unwrap();
         assert!(matches!(body, RequestBody::Streamed { .. }));
         let (attempt, _) = body.for_attempt().unwrap();
         let sent = bytes_of(attempt).await;
@@ -391,7 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_declared_large_body_is_not_read_ahead() {
-        let body = RequestBody::read(body::boxed(Stalled), Some(1 << 30), 64, IDLE)
+        let body = RequestBody::read(body::boxed(Stalled), Some(1 << 30), 64)
             .await
             .unwrap();
         assert!(matches!(body, RequestBody::Streamed { .. }));
@@ -399,9 +288,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unsent_stream_stays_for_the_next_attempt() {
-        let body = RequestBody::read(chunks(4, 10), Some(40), 8, IDLE)
-            .await
-            .unwrap();
+        let body = RequestBody::read(chunks(4, 10), Some(40), 8).await.unwrap();
         let (never_sent, _) = body.for_attempt().unwrap();
         drop(never_sent);
         assert!(body.replayable());
@@ -413,27 +300,22 @@ mod tests {
         assert!(!body.replayable());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_streamed_body_that_stalls_ends_with_a_fault() {
-        let body = RequestBody::read(
-            body::boxed(Stalled),
-            Some(1 << 20),
-            64,
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-        let (attempt, _) = body.for_attempt().unwrap();
-        let started = tokio::time::Instant::now();
-        assert!(attempt.collect().await.is_err());
-        assert_eq!(started.elapsed(), Duration::from_secs(30));
-        assert!(matches!(body.fault(), Some(ReadError::Stalled)));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_stalled_body_is_reported() {
-        let result =
-            RequestBody::read(body::boxed(Stalled), None, 64, Duration::from_secs(30)).await;
-        assert!(matches!(result, Err(ReadError::Stalled)));
+    #[tokio::test]
+    async fn a_broken_body_is_the_error_it_came_with() {
+        struct Broken;
+        impl http_body::Body for Broken {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                Poll::Ready(Some(Err(Box::new(crate::body::BodyStalled))))
+            }
+        }
+        let Err(error) = RequestBody::read(body::boxed(Broken), None, 64).await else {
+            panic!("read a broken body");
+        };
+        assert!(error.is::<crate::body::BodyStalled>());
     }
 }

@@ -1,37 +1,32 @@
-//! The accept loop: connection limit, HTTP/1 and HTTP/2 with timeouts that
-//! really fire, and graceful shutdown (SPEC §1).
+//! The accept loop: connection limit, the connections' protocols, and
+//! graceful shutdown (SPEC §1).
 //!
 //! `run` takes a bound listener, so tests bind `127.0.0.1:0` and read the
 //! port back; `main` binds the configured address.
 //!
-//! Every connection starts on the HTTP/1.1 fast path ([`fast`]), which
-//! serves the common proxied request itself; the first request it does not
-//! take hands the connection, with the bytes read so far, to hyper's server
-//! (HTTP/1 and HTTP/2) for the rest of its life.
+//! Every connection starts with the gateway's own HTTP/1 server ([`h1`]),
+//! which serves every HTTP/1.0 and 1.1 request with the one codec
+//! ([`crate::http1`]). A connection that opens with the HTTP/2 preface is
+//! handed, before anything is parsed, to hyper's HTTP/2 server ([`h2`]).
+//! Both call the same tower stack ([`crate::stack`]); no byte is ever
+//! judged by two parsers.
 
-mod fast;
+mod h1;
+mod h2;
+mod incoming;
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{Body, BoxError};
-use crate::error::{ErrorCode, GatewayError};
-use crate::framing::{FramingLog, Sniffed};
+use crate::body::BoxError;
 use crate::gateway::Gateway;
 use crate::proxy::headers::Peer;
-use crate::router;
+use crate::stack::{self, Stack};
 
 /// Checks that `addr` is free (no one else listens there, even with
 /// SO_REUSEPORT) and resolves port 0 to a real port, for the workers' own
@@ -61,25 +56,11 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// checkers and returns.
 pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
     // This thread's writes go out together at the end of each turn.
-    crate::turn::batch_writes();
+    crate::write_batch::batch_writes();
     let config = gateway.config();
-    let limits = &config.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        // Without a timer hyper silently skips the header read timeout.
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes as usize)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes);
-
     // Shared by every worker: the limit is the gateway's, not each worker's.
     let connections = gateway.connection_slots().clone();
-    let hyper = Arc::new(builder);
+    let stack = stack::stack(gateway.clone());
     // Cancelled when shutdown begins: connections finish the request in
     // flight and close.
     let draining = CancellationToken::new();
@@ -124,8 +105,8 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
         let _ = stream.set_nodelay(true);
         let client = Client {
             gateway: gateway.clone(),
-            peer: Arc::new(Peer::new(remote)),
-            hyper: hyper.clone(),
+            stack: stack.clone(),
+            peer: Peer::new(remote),
             draining: draining.clone(),
         };
         open.spawn(async move {
@@ -151,85 +132,20 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
     tracing::info!("stopped");
 }
 
-/// What a client connection needs: the gateway, the client's address, and
-/// hyper's server for the requests the fast path does not take.
+/// What a client connection needs: the gateway and its stack, the
+/// client's address, and the signal that shutdown has begun.
 struct Client {
     gateway: Arc<Gateway>,
-    peer: Arc<Peer>,
-    hyper: Arc<auto::Builder<TokioExecutor>>,
+    stack: Stack,
+    peer: Peer,
     draining: CancellationToken,
 }
 
 impl Client {
     async fn serve(self, stream: TcpStream) -> Result<(), BoxError> {
-        let limits = &self.gateway.config().limits;
-        let Some((stream, read)) = fast::serve(&self, stream, limits).await? else {
-            return Ok(());
-        };
-        // From here on hyper serves the connection, starting with the bytes
-        // the fast path read and did not take; the framing check watches them.
-        let framing = Arc::new(FramingLog::default());
-        let io = Sniffed::new(
-            stream,
-            read.freeze(),
-            limits.max_header_bytes as usize,
-            framing.clone(),
-        );
-        let service = Connection {
-            gateway: self.gateway,
-            peer: self.peer,
-            framing,
-            served: Arc::new(AtomicU64::new(0)),
-        };
-        let connection = self.hyper.serve_connection(TokioIo::new(io), service);
-        let mut connection = std::pin::pin!(connection);
-        tokio::select! {
-            done = connection.as_mut() => return done,
-            () = self.draining.cancelled() => {}
+        match h1::serve(&self, stream).await? {
+            h1::Ended::Closed => Ok(()),
+            h1::Ended::Http2(stream, read) => h2::serve(&self, stream, read).await,
         }
-        connection.as_mut().graceful_shutdown();
-        connection.await
     }
-}
-
-/// One client connection's view of the gateway: hyper calls it per request.
-#[derive(Clone)]
-struct Connection {
-    gateway: Arc<Gateway>,
-    peer: Arc<Peer>,
-    framing: Arc<FramingLog>,
-    /// Requests served so far: the index the framing log speaks of.
-    served: Arc<AtomicU64>,
-}
-
-impl hyper::service::Service<Request<Incoming>> for Connection {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let index = self.served.fetch_add(1, Ordering::Relaxed);
-        if self.framing.conflicted(index) {
-            return Box::pin(async { Ok(conflicting_framing()) });
-        }
-        let gateway = self.gateway.clone();
-        let peer = self.peer.clone();
-        Box::pin(async move { Ok(router::route(&gateway, request, &peer).await) })
-    }
-}
-
-/// The answer to a request with both `Content-Length` and
-/// `Transfer-Encoding`: 400, never forwarded, and the connection closed, so
-/// nothing after its body is read as another request.
-fn conflicting_framing() -> Response<Body> {
-    let mut response = GatewayError::new(
-        ErrorCode::BadRequest,
-        "the request has both Content-Length and Transfer-Encoding",
-    )
-    .into_response();
-    response.headers_mut().insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("close"),
-    );
-    response
 }

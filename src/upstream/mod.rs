@@ -9,14 +9,18 @@
 //! - [`connect`]: resolving the instance's host and opening the TCP
 //!   connection, with the connect timeout and `TCP_NODELAY`, to addresses
 //!   the [`policy`] allows.
-//! - [`h1`]: one HTTP/1.1 connection, driven by the request's own task,
+//! - [`conn`]: one HTTP/1.1 connection, driven by the request's own task,
 //!   and the response body that reads from it.
 //! - [`pool`]: idle connections and their reuse.
+//! - [`timeout`]: one attempt's time limit, a tower layer.
+//! - [`PoolService`]: the pools of one instance as the innermost tower
+//!   service of its stack.
 
+pub mod conn;
 pub mod connect;
-pub mod h1;
 pub mod policy;
 pub mod pool;
+pub mod timeout;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,8 +30,9 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Method, Response};
 
 use crate::body::Body;
-pub use h1::UpstreamBody;
+pub use conn::UpstreamBody;
 pub use pool::{Pool, PoolSettings};
+pub use timeout::{AttemptTimeout, AttemptTimeoutLayer, Deadline, Deadlined, TimedOut};
 
 thread_local! {
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -53,6 +58,9 @@ pub enum UpstreamError {
     Forbidden(connect::ConnectError),
     /// The request went out (or may have) and no proper response came back.
     Broken(crate::body::BoxError),
+    /// The client's request body failed while it was being sent (it
+    /// stalled or broke off): the client's fault, not the instance's.
+    ClientBody(crate::body::BoxError),
 }
 
 impl UpstreamError {
@@ -81,6 +89,7 @@ impl std::fmt::Display for UpstreamError {
             Self::Connect(e) => write!(f, "connect failed: {e}"),
             Self::Forbidden(e) => write!(f, "connect refused by the upstream policy: {e}"),
             Self::Broken(e) => write!(f, "upstream response failed: {e}"),
+            Self::ClientBody(e) => write!(f, "the client's request body failed: {e}"),
         }
     }
 }
@@ -90,7 +99,7 @@ impl std::error::Error for UpstreamError {
         match self {
             Self::Connect(e) => Some(e),
             Self::Forbidden(e) => Some(e),
-            Self::Broken(e) => Some(&**e),
+            Self::Broken(e) | Self::ClientBody(e) => Some(&**e),
         }
     }
 }
@@ -106,6 +115,8 @@ pub struct Outbound {
     /// client declared it, or the method usually carries a body.
     pub declare_empty: bool,
     pub body: Body,
+    /// When the attempt gives up waiting for response headers.
+    pub deadline: Deadline,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -127,6 +138,18 @@ impl Outbound {
         fields: &[u8],
         body: Body,
     ) -> Self {
+        Self::with_deadline(method, target, host, fields, body, Deadline::None)
+    }
+
+    /// As [`Outbound::new`], for an attempt bounded by `deadline`.
+    pub fn with_deadline(
+        method: Method,
+        target: &[&str],
+        host: &HeaderValue,
+        fields: &[u8],
+        body: Body,
+        deadline: Deadline,
+    ) -> Self {
         let target_len: usize = target.iter().map(|piece| piece.len()).sum();
         let mut head =
             Vec::with_capacity(method.as_str().len() + target_len + host.len() + fields.len() + 64);
@@ -136,7 +159,7 @@ impl Outbound {
             head.extend_from_slice(piece.as_bytes());
         }
         head.extend_from_slice(b" HTTP/1.1\r\n");
-        crate::proxy::headers::field(&mut head, "host", host.as_bytes());
+        crate::http1::encode::field(&mut head, "host", host.as_bytes());
         head.extend_from_slice(fields);
         let declare_empty = matches!(method, Method::POST | Method::PUT | Method::PATCH);
         Self {
@@ -144,20 +167,34 @@ impl Outbound {
             head,
             declare_empty,
             body,
+            deadline,
         }
     }
 }
 
-/// An instance's pool as a tower service: the innermost layer of the
-/// instance's stack. Cloning it is one reference count.
-#[derive(Clone)]
+impl Deadlined for Outbound {
+    fn deadline(&self) -> &Deadline {
+        &self.deadline
+    }
+}
+
+/// An instance's connection pools as a tower service: the innermost layer
+/// of the instance's stack. It holds one pool per worker and sends on the
+/// calling worker's, so a connection is only ever driven by the thread it
+/// lives on. Cloning it is one reference count.
+#[derive(Debug, Clone)]
 pub struct PoolService {
-    pool: Arc<Pool>,
+    pools: Arc<[Arc<Pool>]>,
 }
 
 impl PoolService {
-    pub fn new(pool: Arc<Pool>) -> Self {
-        Self { pool }
+    pub fn new(pools: Arc<[Arc<Pool>]>) -> Self {
+        Self { pools }
+    }
+
+    /// The calling worker's pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pools[worker() % self.pools.len()]
     }
 }
 
@@ -172,7 +209,7 @@ impl tower::Service<Outbound> for PoolService {
     }
 
     fn call(&mut self, request: Outbound) -> Self::Future {
-        let pool = self.pool.clone();
+        let pool = self.pool().clone();
         Box::pin(async move { pool.send(request).await })
     }
 }

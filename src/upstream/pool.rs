@@ -18,7 +18,7 @@ use std::time::Duration;
 use http::Response;
 use tokio::time::Instant;
 
-use super::h1::{Connection, SendError, UpstreamBody};
+use super::conn::{SendError, UpstreamBody, UpstreamConnection};
 use super::policy::UpstreamPolicy;
 use super::{Outbound, UpstreamError, connect};
 use crate::config::Config;
@@ -30,6 +30,9 @@ pub const MAX_IDLE: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
     pub connect_timeout: Duration,
+    /// Idle pooled connections are closed after this.
+    pub pool_idle_timeout: Duration,
+    /// A request body the instance takes no byte of for this long fails.
     pub idle_timeout: Duration,
     /// Worker threads: each instance gets one pool per worker.
     pub workers: usize,
@@ -41,7 +44,8 @@ impl PoolSettings {
     pub fn new(config: &Config, listen: std::net::SocketAddr) -> Self {
         Self {
             connect_timeout: config.proxy.connect_timeout,
-            idle_timeout: config.proxy.pool_idle_timeout,
+            pool_idle_timeout: config.proxy.pool_idle_timeout,
+            idle_timeout: config.proxy.idle_timeout,
             workers: config.gateway.workers,
             policy: UpstreamPolicy::new(&config.upstreams, listen),
         }
@@ -49,7 +53,7 @@ impl PoolSettings {
 }
 
 struct Idle {
-    conn: Connection,
+    conn: UpstreamConnection,
     since: Instant,
 }
 
@@ -85,16 +89,17 @@ impl Pool {
         self: &Arc<Self>,
         mut request: Outbound,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let idle = self.settings.idle_timeout;
         while let Some(conn) = self.checkout() {
-            match conn.send(request, Some(self.clone())).await {
+            match conn.send(request, Some(self.clone()), idle).await {
                 Ok(response) => return Ok(response),
                 // Nothing went out on a connection that had died: next one.
                 Err(SendError::Unsent(unsent, _)) => request = *unsent,
-                Err(SendError::Failed(e)) => return Err(UpstreamError::Broken(e)),
+                Err(e) => return Err(e.into()),
             }
         }
         let conn = self.open().await?;
-        conn.send(request, Some(self.clone())).await.map_err(broken)
+        Ok(conn.send(request, Some(self.clone()), idle).await?)
     }
 
     /// Sends `request` on a connection of its own, closed afterwards: for
@@ -105,7 +110,7 @@ impl Pool {
         request: Outbound,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let conn = self.open().await?;
-        conn.send(request, None).await.map_err(broken)
+        Ok(conn.send(request, None, self.settings.idle_timeout).await?)
     }
 
     /// Idle connections now (for tests and diagnostics).
@@ -116,17 +121,17 @@ impl Pool {
     /// Drops idle connections past the idle timeout or closed by the instance.
     pub fn prune(&self) {
         let now = Instant::now();
-        let timeout = self.settings.idle_timeout;
+        let timeout = self.settings.pool_idle_timeout;
         self.lock()
             .retain_mut(|idle| now - idle.since < timeout && idle.conn.is_reusable());
     }
 
     /// The most recently used idle connection that is still fit for use.
-    fn checkout(&self) -> Option<Connection> {
+    fn checkout(&self) -> Option<UpstreamConnection> {
         let now = Instant::now();
         let mut idle = self.lock();
         while let Some(Idle { mut conn, since }) = idle.pop() {
-            if now - since < self.settings.idle_timeout && conn.is_reusable() {
+            if now - since < self.settings.pool_idle_timeout && conn.is_reusable() {
                 return Some(conn);
             }
         }
@@ -134,7 +139,7 @@ impl Pool {
     }
 
     /// Takes back a connection whose response was read to its end.
-    pub(super) fn checkin(&self, conn: Connection) {
+    pub(super) fn checkin(&self, conn: UpstreamConnection) {
         let mut idle = self.lock();
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
@@ -144,7 +149,7 @@ impl Pool {
         }
     }
 
-    async fn open(&self) -> Result<Connection, UpstreamError> {
+    async fn open(&self) -> Result<UpstreamConnection, UpstreamError> {
         let settings = &self.settings;
         let stream = connect::connect(
             &self.host,
@@ -153,7 +158,7 @@ impl Pool {
             &settings.policy,
         )
         .await?;
-        Ok(Connection::new(stream))
+        Ok(UpstreamConnection::new(stream))
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
@@ -163,9 +168,12 @@ impl Pool {
     }
 }
 
-fn broken(e: SendError) -> UpstreamError {
-    match e {
-        SendError::Unsent(_, e) => UpstreamError::Broken(e.into()),
-        SendError::Failed(e) => UpstreamError::Broken(e),
+impl From<SendError> for UpstreamError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Unsent(_, e) => Self::Broken(e.into()),
+            SendError::ClientBody(e) => Self::ClientBody(e),
+            SendError::Failed(e) => Self::Broken(e),
+        }
     }
 }

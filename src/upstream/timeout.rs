@@ -1,5 +1,7 @@
 //! One attempt's time limit, as a tower service inside the circuit breaker,
-//! so that a timed-out attempt counts as the instance's failure.
+//! so that a timed-out attempt counts as the instance's failure. Built once
+//! per instance, like the rest of its stack: each request carries its own
+//! deadline ([`Deadlined`]).
 //!
 //! A buffered request's attempt runs until `min(now + per_try_timeout,
 //! request deadline)`. A streamed request's clock starts only once its body
@@ -21,6 +23,8 @@ use crate::retry::replay::UploadDone;
 /// When an attempt gives up waiting for response headers.
 #[derive(Debug, Clone)]
 pub enum Deadline {
+    /// No limit here (the caller bounds the attempt itself).
+    None,
     At(Instant),
     /// `timeout` after the request body has been sent in full.
     AfterUpload {
@@ -41,16 +45,36 @@ impl std::fmt::Display for TimedOut {
 
 impl std::error::Error for TimedOut {}
 
-/// Bounds `S`'s calls by `deadline`.
+/// A request that carries the deadline of its attempt.
+pub trait Deadlined {
+    fn deadline(&self) -> &Deadline;
+}
+
+/// Bounds each call of `S` by its request's deadline.
 #[derive(Debug, Clone)]
 pub struct AttemptTimeout<S> {
     inner: S,
-    deadline: Deadline,
 }
 
 impl<S> AttemptTimeout<S> {
-    pub fn new(inner: S, deadline: Deadline) -> Self {
-        Self { inner, deadline }
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// Applies [`AttemptTimeout`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttemptTimeoutLayer;
+
+impl<S> tower::Layer<S> for AttemptTimeoutLayer {
+    type Service = AttemptTimeout<S>;
+
+    fn layer(&self, inner: S) -> AttemptTimeout<S> {
+        AttemptTimeout::new(inner)
     }
 }
 
@@ -58,6 +82,7 @@ impl<S, Req> Service<Req> for AttemptTimeout<S>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    Req: Deadlined,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -68,7 +93,8 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        let timer = match &self.deadline {
+        let timer = match request.deadline() {
+            Deadline::None => Timer::Never,
             Deadline::At(at) => Timer::At {
                 sleep: tokio::time::sleep_until(*at),
             },
@@ -103,6 +129,7 @@ pin_project! {
 pin_project! {
     #[project = TimerProj]
     enum Timer {
+        Never,
         At { #[pin] sleep: Sleep },
         AfterUpload { wait: Pin<Box<dyn Future<Output = ()> + Send>> },
     }
@@ -121,6 +148,7 @@ where
             return Poll::Ready(result.map_err(Into::into));
         }
         let expired = match this.timer.project() {
+            TimerProj::Never => false,
             TimerProj::At { sleep } => sleep.poll(cx).is_ready(),
             TimerProj::AfterUpload { wait } => wait.as_mut().poll(cx).is_ready(),
         };
@@ -137,40 +165,58 @@ mod tests {
     use super::*;
     use tower::ServiceExt;
 
-    fn never() -> impl Service<(), Response = (), Error = BoxError> {
-        tower::service_fn(|()| std::future::pending::<Result<(), BoxError>>())
+    /// A request that is only its deadline.
+    struct Timed(Deadline);
+
+    impl Deadlined for Timed {
+        fn deadline(&self) -> &Deadline {
+            &self.0
+        }
+    }
+
+    fn never() -> AttemptTimeout<impl Service<Timed, Response = (), Error = BoxError>> {
+        AttemptTimeout::new(tower::service_fn(|_: Timed| {
+            std::future::pending::<Result<(), BoxError>>()
+        }))
     }
 
     #[tokio::test(start_paused = true)]
     async fn fires_at_the_deadline() {
         let start = Instant::now();
-        let svc = AttemptTimeout::new(never(), Deadline::At(start + Duration::from_secs(3)));
-        let error = svc.oneshot(()).await.unwrap_err();
+        let error = never()
+            .oneshot(Timed(Deadline::At(start + Duration::from_secs(3))))
+            .await
+            .unwrap_err();
         assert!(error.is::<TimedOut>());
         assert_eq!(start.elapsed(), Duration::from_secs(3));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_response_in_time_passes_through() {
-        let svc = AttemptTimeout::new(
-            tower::service_fn(|()| async { Ok::<_, BoxError>(7) }),
-            Deadline::At(Instant::now() + Duration::from_secs(1)),
+        let svc = AttemptTimeout::new(tower::service_fn(|_: Timed| async { Ok::<_, BoxError>(7) }));
+        let deadline = Deadline::At(Instant::now() + Duration::from_secs(1));
+        assert_eq!(svc.oneshot(Timed(deadline)).await.unwrap(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_deadline_nothing_fires() {
+        let attempt = never().oneshot(Timed(Deadline::None));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), attempt)
+                .await
+                .is_err()
         );
-        assert_eq!(svc.oneshot(()).await.unwrap(), 7);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_streamed_request_is_timed_from_the_end_of_its_upload() {
         let (sent, upload) = tokio::sync::watch::channel(false);
         let start = Instant::now();
-        let svc = AttemptTimeout::new(
-            never(),
-            Deadline::AfterUpload {
-                timeout: Duration::from_secs(2),
-                upload,
-            },
-        );
-        let mut attempt = std::pin::pin!(svc.oneshot(()));
+        let deadline = Deadline::AfterUpload {
+            timeout: Duration::from_secs(2),
+            upload,
+        };
+        let mut attempt = std::pin::pin!(never().oneshot(Timed(deadline)));
         let early = tokio::time::timeout(Duration::from_secs(60), &mut attempt).await;
         assert!(early.is_err(), "no timeout while the upload is still going");
         sent.send(true).unwrap();

@@ -1,0 +1,348 @@
+//! The gateway's HTTP/1 server: every HTTP/1.0 and HTTP/1.1 request, from
+//! the first byte of a connection to its last, read with the one codec
+//! ([`crate::http1`]) and answered by the stack ([`crate::stack`]).
+//!
+//! One connection is one task, and requests on it are served in order:
+//! the next head is read only once the previous response is written, so
+//! pipelined requests are answered in order, and bytes that follow a
+//! request are never judged before that request's body has been framed
+//! by the same decoder. A request the codec refuses (a malformed or
+//! oversized head, `Content-Length` with `Transfer-Encoding`, a missing
+//! or doubled `Host`) gets its 4xx and the connection closes after it;
+//! what the client sent after it is never read as a request.
+//!
+//! Timeouts: a head must arrive whole within `header_read_timeout` of
+//! when the connection started waiting for it (idle keep-alive time
+//! included); a request body is held to `body_idle_timeout` by the stack;
+//! after the response head, the response body must make progress both
+//! ways (the instance sending, the client taking it) every
+//! `idle_timeout`, else the connection is closed.
+//!
+//! A connection whose first bytes are the HTTP/2 preface is handed to
+//! hyper's HTTP/2 server before anything is parsed ([`super::h2`]).
+
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response};
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tower::Service;
+
+use super::Client;
+use super::incoming::{self, ClientIo};
+use crate::body::{self, Body, BoxError};
+use crate::error::{ErrorCode, GatewayError};
+use crate::http1::Decoder;
+use crate::http1::encode::{self, Answering};
+use crate::http1::head::{self, BodyLength, HeadError, RequestHead};
+
+/// The first bytes of every HTTP/2 connection with prior knowledge.
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How much the read buffer grows by while reading heads.
+const READ_CHUNK: usize = 8 * 1024;
+/// Response body chunks at least this large are written as they are,
+/// rather than copied behind the head.
+const WRITE_THROUGH: usize = 4 * 1024;
+/// Small chunks ready one after the other are gathered up to this much
+/// before they are written.
+const FLUSH_AT: usize = 64 * 1024;
+/// How long a closing connection keeps reading (and dropping) what the
+/// client still sends, so that the client reads the answer before the
+/// close resets the connection.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// How a connection's HTTP/1 life ended.
+pub enum Ended {
+    Closed,
+    /// It is an HTTP/2 connection: the socket and the bytes read from it.
+    Http2(TcpStream, BytesMut),
+}
+
+/// Serves HTTP/1 requests on `stream` until the connection ends.
+pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError> {
+    let limits = &client.gateway.config().limits;
+    let idle = client.gateway.config().proxy.idle_timeout;
+    let max_head = limits.max_header_bytes as usize;
+    let mut stack = client.stack.clone();
+    let mut io = ClientIo {
+        stream,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+    };
+    let mut out = Vec::with_capacity(1024);
+    // One timer and one shutdown waiter for the connection's life, not one
+    // of each per request: the timer is set for the first head's deadline
+    // and, when it fires before the current head's, moved on to it.
+    let mut deadline = Instant::now() + limits.header_read_timeout;
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+    let mut draining = std::pin::pin!(client.draining.cancelled());
+    let mut first = true;
+    loop {
+        let head = loop {
+            if first && io.buf.starts_with(PREFACE) {
+                return Ok(Ended::Http2(io.stream, io.buf));
+            }
+            // Not judged until it is clearly not the HTTP/2 preface.
+            let maybe_preface = first && !io.buf.is_empty() && PREFACE.starts_with(&io.buf);
+            if !maybe_preface {
+                match head::parse_request(&mut io.buf, max_head) {
+                    Ok(Some(head)) => break head,
+                    Ok(None) => {}
+                    Err(refusal) => {
+                        refuse(io, refusal, &mut out, idle).await;
+                        return Ok(Ended::Closed);
+                    }
+                }
+            }
+            if io.buf.capacity() - io.buf.len() < 1024 {
+                io.buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                n = io.stream.read_buf(&mut io.buf) => if n? == 0 {
+                    return Ok(Ended::Closed);
+                },
+                () = &mut timer => {
+                    if timer.deadline() >= deadline {
+                        tracing::debug!("request head not read within header_read_timeout");
+                        return Ok(Ended::Closed);
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+                () = &mut draining, if io.buf.is_empty() => return Ok(Ended::Closed),
+            }
+        };
+        first = false;
+
+        let answering = Answering {
+            head: head.method == Method::HEAD,
+            version: head.version,
+            keep_alive: head.keep_alive,
+        };
+        let (request, loan) = request(head, io, client);
+        std::future::poll_fn(|cx| stack.poll_ready(cx)).await?;
+        let response = match stack.call(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        // The connection back from the request's body, if it was lent.
+        let (back, body_done) = match loan {
+            Loan::Kept(io) => (io, true),
+            Loan::Lent(loan) => match loan.take_back() {
+                Some(back) => back,
+                None => return Ok(Ended::Closed),
+            },
+        };
+        io = back;
+        let answering = Answering {
+            // What is left of an unread body is on the connection.
+            keep_alive: answering.keep_alive && body_done && !client.draining.is_cancelled(),
+            ..answering
+        };
+        let keep_alive;
+        (io.stream, keep_alive) =
+            write_response(io.stream, response, answering, &mut out, idle).await?;
+        if !keep_alive {
+            // Unread bytes (a body, pipelined requests) would turn the close
+            // into a reset that can destroy the answer in flight.
+            if !body_done || !io.buf.is_empty() {
+                linger(io).await;
+            }
+            return Ok(Ended::Closed);
+        }
+        deadline = Instant::now() + limits.header_read_timeout;
+    }
+}
+
+/// Where the connection is while the stack handles a request.
+enum Loan {
+    /// The whole body came with the head: the connection stayed here.
+    Kept(ClientIo),
+    /// Lent to the request's body.
+    Lent(incoming::Loan),
+}
+
+/// The request of `head`, with its body: taken off the read buffer when
+/// it is all there, else read from the connection as it is pulled.
+fn request(head: RequestHead, mut io: ClientIo, client: &Client) -> (Request<Body>, Loan) {
+    let RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+        body: length,
+        expect_continue,
+        ..
+    } = head;
+    let (body, loan) = match length {
+        BodyLength::Length(0) => (body::empty(), Loan::Kept(io)),
+        BodyLength::Length(n) if n <= io.buf.len() as u64 => {
+            let data = io.buf.split_to(n as usize).freeze();
+            (body::full(data), Loan::Kept(io))
+        }
+        length => {
+            let (body, loan) = incoming::lend(io, Decoder::new(length), expect_continue);
+            (body::boxed(body), Loan::Lent(loan))
+        }
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    request.extensions_mut().insert(client.peer.clone());
+    (request, loan)
+}
+
+/// Answers a request the codec refused (431 or 400), then closes.
+async fn refuse(io: ClientIo, refusal: HeadError, out: &mut Vec<u8>, idle: Duration) {
+    let error = match refusal {
+        HeadError::TooLarge => GatewayError::new(
+            ErrorCode::HeadersTooLarge,
+            "the request head is larger than max_header_bytes",
+        ),
+        HeadError::Invalid(why) => GatewayError::new(ErrorCode::BadRequest, why),
+    };
+    tracing::debug!(error = %error, "request refused");
+    let answering = Answering {
+        head: false,
+        version: http::Version::HTTP_11,
+        keep_alive: false,
+    };
+    let ClientIo { stream, buf } = io;
+    if let Ok((stream, _)) =
+        write_response(stream, error.into_response(), answering, out, idle).await
+    {
+        linger(ClientIo { stream, buf }).await;
+    }
+}
+
+/// Closes the connection gracefully: no more writes, and whatever the
+/// client still sends is read and dropped for a moment, so that the close
+/// does not reset the connection before the client has read the answer.
+async fn linger(mut io: ClientIo) {
+    let _ = io.stream.shutdown().await;
+    let drain = async {
+        let mut dropped = 0usize;
+        loop {
+            io.buf.clear();
+            match io.stream.read_buf(&mut io.buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => dropped += n,
+            }
+            if dropped > 1 << 20 {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// Writes `response`; gives the stream back with whether it may carry
+/// another request. A body that fails or ends short of its length after
+/// the head went out fails the connection, since the message cannot be
+/// completed; a body that fails before anything was written is answered
+/// as the instance's broken response (502). Waiting for the body, and
+/// waiting for the client to take it, are each bounded by `idle`. What is
+/// left of the response when its body has ended goes out at the end of
+/// the turn, with the turn's other writes ([`crate::write_batch`]).
+async fn write_response(
+    mut stream: TcpStream,
+    response: Response<Body>,
+    answering: Answering,
+    out: &mut Vec<u8>,
+    idle: Duration,
+) -> Result<(TcpStream, bool), BoxError> {
+    let (mut parts, mut body) = response.into_parts();
+    let mut size = body.size_hint().exact();
+    // Whatever the body has ready goes out with the head, in one write;
+    // and a body broken from its first byte can still be answered for.
+    let mut ready = poll_ready_frame(&mut body).await;
+    if let Poll::Ready(Some(Err(e))) = &ready {
+        tracing::debug!(error = %e, "the response body failed before its first byte");
+        let broken = GatewayError::new(
+            ErrorCode::UpstreamError,
+            "the instance sent a broken response body",
+        )
+        .into_response();
+        (parts, body) = broken.into_parts();
+        size = body.size_hint().exact();
+        ready = Poll::Pending;
+    }
+    out.clear();
+    let (mut encoder, keep_alive) =
+        encode::response_head(out, parts.status, &parts.headers, size, answering);
+    if encoder.has_body() {
+        loop {
+            let frame = match std::mem::replace(&mut ready, Poll::Pending) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => match poll_ready_frame(&mut body).await {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        // Nothing more ready: send what is gathered, and wait.
+                        write_within(&mut stream, out, idle).await?;
+                        out.clear();
+                        tokio::time::timeout(idle, body.frame())
+                            .await
+                            .map_err(|_| "the response body made no progress for idle_timeout")?
+                    }
+                },
+            };
+            let data = match frame {
+                None => break,
+                Some(frame) => match frame?.into_data() {
+                    Ok(data) => data,
+                    // Trailers are not forwarded.
+                    Err(_) => continue,
+                },
+            };
+            if data.is_empty() {
+                continue;
+            }
+            encoder.before_data(out, data.len())?;
+            if data.len() >= WRITE_THROUGH {
+                write_within(&mut stream, out, idle).await?;
+                out.clear();
+                write_within(&mut stream, &data, idle).await?;
+            } else {
+                out.extend_from_slice(&data);
+            }
+            encoder.after_data(out);
+            if out.len() >= FLUSH_AT {
+                write_within(&mut stream, out, idle).await?;
+                out.clear();
+            }
+        }
+        encoder.finish(out)?;
+    }
+    let (stream, written, result) =
+        crate::write_batch::write_all(stream, std::mem::take(out), idle).await;
+    *out = written;
+    result?;
+    Ok((stream, keep_alive))
+}
+
+/// The body's next frame if it is ready now.
+async fn poll_ready_frame(body: &mut Body) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
+}
+
+/// Writes all of `bytes`, giving up when the client takes none of them
+/// for `idle`.
+async fn write_within(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    idle: Duration,
+) -> Result<(), BoxError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    tokio::time::timeout(idle, stream.write_all(bytes))
+        .await
+        .map_err(|_| "the client took no response bytes for idle_timeout")??;
+    Ok(())
+}

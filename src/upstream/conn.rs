@@ -1,0 +1,400 @@
+//! One HTTP/1.1 connection to an instance, driven by the task of the request
+//! that uses it.
+//!
+//! hyper's client runs every connection as a task of its own: a request
+//! travels to it over a channel, the response comes back over another, and
+//! each body chunk over a third. Here the request's own task writes the
+//! request and reads the response head, and the response body reads straight
+//! from the socket as the client side pulls it; when the body ends the
+//! connection goes back to its pool. Besides saving those hops (callgrind:
+//! 12% fewer instructions per proxied request), it gives the proxy the
+//! answers it needs that hyper's client does not: an early answer (say 413)
+//! from an instance that stopped reading a large upload is passed back
+//! instead of a write error, and a `101 Switching Protocols` is an error
+//! rather than a response that cannot be honoured.
+//!
+//! The bytes are the codec's ([`crate::http1`]): request framing from the
+//! body (`Content-Length` when its size is known, else chunked), response
+//! heads and bodies read by its rules. A connection is reused only after a
+//! persistent response read to its exact end. Requests arrive with their
+//! head already encoded ([`Outbound`]), once per client request rather than
+//! rebuilt for every attempt.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Response};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::Outbound;
+use super::pool::Pool;
+use crate::body::{Body, BoxError};
+use crate::http1::encode::{self, Encoder};
+use crate::http1::{Decoded, Decoder, head};
+
+/// Response heads larger than this are an error.
+const MAX_HEAD: usize = 64 * 1024;
+/// Request bodies of known size up to this go out with the head, in one write.
+const COALESCE: u64 = 64 * 1024;
+/// How much the read buffer grows by.
+const READ_CHUNK: usize = 16 * 1024;
+/// How long to look for an answer the instance sent before it stopped
+/// taking the request body.
+const EARLY_ANSWER: Duration = Duration::from_secs(1);
+
+/// An open connection to an instance.
+pub struct UpstreamConnection {
+    io: TcpStream,
+    /// Bytes read and not yet consumed.
+    read: BytesMut,
+}
+
+/// Why a request failed on a connection.
+#[derive(Debug)]
+pub enum SendError {
+    /// Not a byte of it was written: it can go out on another connection.
+    Unsent(Box<Outbound>, io::Error),
+    /// The client's request body failed (stalled, broke off) while it was
+    /// being sent: the client's fault, not the instance's.
+    ClientBody(BoxError),
+    /// The exchange failed once writing had begun.
+    Failed(BoxError),
+}
+
+/// Why a streamed request body did not make it.
+enum BodyWriteError {
+    /// The client's body failed (stalled, broke off).
+    Source(BoxError),
+    /// Writing to the instance failed, or it took no byte for `idle_timeout`.
+    Write(io::Error),
+}
+
+impl From<io::Error> for BodyWriteError {
+    fn from(e: io::Error) -> Self {
+        Self::Write(e)
+    }
+}
+
+impl UpstreamConnection {
+    pub fn new(io: TcpStream) -> Self {
+        Self {
+            io,
+            read: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection is still fit for a request: nothing
+    /// arrived while it sat idle, neither the instance closing it nor stray
+    /// bytes. Costs no system call unless the socket became readable.
+    pub fn is_reusable(&mut self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Sends `request` and reads the response head. The response body
+    /// reads from this connection, and gives it back to `pool` (if any) at
+    /// its end. A streamed request body that the instance takes no byte of
+    /// for `idle_timeout` fails the exchange.
+    pub async fn send(
+        mut self,
+        request: Outbound,
+        pool: Option<Arc<Pool>>,
+        idle_timeout: Duration,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let Outbound {
+            method,
+            mut head,
+            declare_empty,
+            mut body,
+            deadline,
+        } = request;
+        let head_request = method == Method::HEAD;
+        let size = body.size_hint().exact();
+        let inline = match size {
+            Some(n) if n <= COALESCE => {
+                let mut data = BytesMut::with_capacity(n as usize);
+                while let Some(frame) = body.frame().await {
+                    if let Ok(chunk) = frame.map_err(SendError::ClientBody)?.into_data() {
+                        data.extend_from_slice(&chunk);
+                    }
+                }
+                Some(data.freeze())
+            }
+            _ => None,
+        };
+        let fields_end = head.len();
+        let mut encoder = encode::request_framing(&mut head, size, declare_empty);
+        if let Some(data) = &inline {
+            head.extend_from_slice(data);
+        }
+        // The request goes out at the end of the event loop's turn, with
+        // the others of that turn: an instance then wakes once for the
+        // batch, not once per request.
+        let (io, written_head, written) =
+            crate::write_batch::write_all(self.io, head, idle_timeout).await;
+        self.io = io;
+        head = written_head;
+        if let Err(e) = written {
+            // The connection was dead before anything of ours got through.
+            head.truncate(fields_end);
+            let body = match inline {
+                Some(data) => crate::body::full(data),
+                None => body,
+            };
+            let request = Outbound {
+                method,
+                head,
+                declare_empty,
+                body,
+                deadline,
+            };
+            return Err(SendError::Unsent(Box::new(request), e));
+        }
+        drop(head);
+        if inline.is_none() {
+            match self.write_body(body, &mut encoder, idle_timeout).await {
+                Ok(()) => {}
+                Err(BodyWriteError::Source(e)) => return Err(SendError::ClientBody(e)),
+                Err(BodyWriteError::Write(e)) => {
+                    // The instance may have answered early (say 413) and
+                    // stopped reading: its answer, if already here, beats
+                    // our write error.
+                    let early =
+                        tokio::time::timeout(EARLY_ANSWER, self.read_head(head_request)).await;
+                    return match early {
+                        Ok(Ok(head)) => Ok(UpstreamBody::respond(head, self, false, pool)),
+                        _ => Err(SendError::Failed(e.into())),
+                    };
+                }
+            }
+        }
+        let head = self
+            .read_head(head_request)
+            .await
+            .map_err(SendError::Failed)?;
+        let reusable = head.keep_alive;
+        Ok(UpstreamBody::respond(head, self, reusable, pool))
+    }
+
+    /// Streams `body` to the instance, each write bounded by `idle_timeout`.
+    async fn write_body(
+        &mut self,
+        mut body: Body,
+        encoder: &mut Encoder,
+        idle_timeout: Duration,
+    ) -> Result<(), BodyWriteError> {
+        let mut framing = Vec::with_capacity(24);
+        while let Some(frame) = body.frame().await {
+            // Request trailers are not forwarded.
+            let Ok(data) = frame.map_err(BodyWriteError::Source)?.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            framing.clear();
+            encoder
+                .before_data(&mut framing, data.len())
+                .map_err(|e| BodyWriteError::Source(e.into()))?;
+            let write = async {
+                self.io.write_all(&framing).await?;
+                self.io.write_all(&data).await?;
+                framing.clear();
+                encoder.after_data(&mut framing);
+                self.io.write_all(&framing).await
+            };
+            stalled_after(idle_timeout, write).await??;
+        }
+        framing.clear();
+        encoder
+            .finish(&mut framing)
+            .map_err(|e| BodyWriteError::Source(e.into()))?;
+        stalled_after(idle_timeout, self.io.write_all(&framing)).await??;
+        Ok(())
+    }
+
+    /// Reads until a complete final (non-1xx) response head.
+    async fn read_head(&mut self, head_request: bool) -> Result<head::ResponseHead, BoxError> {
+        loop {
+            if let Some(head) = head::parse_response(&mut self.read, head_request, MAX_HEAD)? {
+                return Ok(head);
+            }
+            let filled =
+                std::future::poll_fn(|cx| poll_fill(&mut self.io, &mut self.read, cx)).await?;
+            if filled == 0 {
+                return Err("the connection closed before the response head".into());
+            }
+        }
+    }
+}
+
+/// `future`, or a timed-out error once `idle` has passed.
+async fn stalled_after<T>(idle: Duration, future: impl Future<Output = T>) -> Result<T, io::Error> {
+    tokio::time::timeout(idle, future).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the instance took no request body for idle_timeout",
+        )
+    })
+}
+
+/// Reads what the socket has into `read`; 0 means the instance closed.
+fn poll_fill(
+    io: &mut TcpStream,
+    read: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if read.capacity() - read.len() < 1024 {
+        read.reserve(READ_CHUNK);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, read)
+}
+
+/// A response body read straight from its connection, which goes back to
+/// its pool at the body's exact end. Dropped earlier, it closes the
+/// connection: a half-read message cannot be abandoned on HTTP/1.
+pub struct UpstreamBody {
+    conn: Option<UpstreamConnection>,
+    decoder: Decoder,
+    reusable: bool,
+    pool: Option<Arc<Pool>>,
+}
+
+impl UpstreamBody {
+    /// The response to `head`, its body to be read from `conn`.
+    fn respond(
+        head: head::ResponseHead,
+        conn: UpstreamConnection,
+        reusable: bool,
+        pool: Option<Arc<Pool>>,
+    ) -> Response<Self> {
+        let mut body = UpstreamBody {
+            conn: Some(conn),
+            decoder: Decoder::new(head.body),
+            reusable,
+            pool,
+        };
+        if body.decoder.is_done() {
+            body.finish();
+        }
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        response
+    }
+
+    fn finish(&mut self) {
+        self.decoder = Decoder::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.reusable && conn.read.is_empty() {
+                if let Some(pool) = &self.pool {
+                    pool.checkin(conn);
+                }
+            }
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.decode(&mut conn.read)? {
+                Decoded::Data(data) => {
+                    if this.decoder.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decoded::Done => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Decoded::NeedMore => {
+                    if ready!(poll_fill(&mut conn.io, &mut conn.read, cx))? == 0 {
+                        this.decoder.end_of_input()?;
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(left) => SizeHint::with_exact(left),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn request_heads_take_their_framing_from_the_body() {
+        let head = |method: Method, size, declared: bool| {
+            let host = HeaderValue::from_static("h");
+            let mut request = Outbound::new(
+                method,
+                &["/a", "?b"],
+                &host,
+                b"x: 1\r\n",
+                crate::body::empty(),
+            );
+            encode::request_framing(&mut request.head, size, request.declare_empty || declared);
+            String::from_utf8(request.head).unwrap()
+        };
+        assert_eq!(
+            head(Method::GET, Some(0), true),
+            "GET /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\ncontent-length: 0\r\n\r\n",
+            "a client's Content-Length: 0 goes on"
+        );
+        assert_eq!(
+            head(Method::GET, Some(0), false),
+            "GET /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\n\r\n"
+        );
+        assert_eq!(
+            head(Method::POST, Some(0), false),
+            "POST /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\ncontent-length: 0\r\n\r\n"
+        );
+        assert_eq!(
+            head(Method::POST, None, false),
+            "POST /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+}

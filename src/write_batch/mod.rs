@@ -1,0 +1,374 @@
+//! Writes that wait for the end of the event loop's turn, and go out
+//! together in one system call.
+//!
+//! Under load a small proxied request costs mostly context switches, not
+//! the gateway's own code. A write to a socket whose reader sleeps wakes the
+//! reader (an instance, or a client), and the kernel lets the woken process
+//! run at once on the writer's core: the worker is preempted on its way out
+//! of `send`, before it has written the turn's other requests. The instance
+//! then wakes for one request, the worker resumes for the next write, is
+//! preempted again, and so on; on the reference machine 91% of a worker's
+//! context switches happened on return from `send`, and a worker ran for
+//! about one request between two of them (README, "Where the time goes").
+//!
+//! So the writes a worker makes during one turn (the requests to instances,
+//! the responses to clients) wait until the tasks already queued have run,
+//! and then go out together in one `io_uring_enter`: the processes they wake
+//! run once the worker has written all of them, and each finds a batch of
+//! work. A turn that has a single write sends it with a plain `send`.
+//!
+//! A worker that batches this way rarely sleeps, and two such workers that
+//! the kernel has put on the same core take turns only at the scheduler's
+//! tick (4 ms on the reference machine): every connection of the one left
+//! waiting waits that long, which made most of the gateway's p99. So once a
+//! batch has gone out the worker yields its core, once: two workers on one
+//! core then take turns batch by batch, and a worker alone on its core goes
+//! straight on (README, "Where the time goes").
+//!
+//! Batching is per worker thread and turned on by [`batch_writes`]. Where
+//! io_uring cannot be used (not Linux, a kernel older than 5.6, a seccomp
+//! filter that refuses it, `kernel.io_uring_disabled`), the writes still
+//! wait for the end of the turn and then go out one `send` each.
+//!
+//! The batch owns what it sends, the stream and the bytes, until the kernel
+//! is done with them: every send of a batch completes within the call that
+//! flushes it (they are non-blocking: a full socket answers `EAGAIN`, and
+//! its owner then waits for room the usual way). No buffer is ever lent to
+//! the kernel past that call, whatever happens to the task that wrote it.
+
+use std::io;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Writes all of `buf` to `stream` at the end of the turn, with the turn's
+/// other writes; gives both back, with the outcome. A write that fails has
+/// sent nothing, unless part of it went out before a later error. What the
+/// socket did not take at once must find room within `idle`, else the
+/// write fails (`TimedOut`).
+pub async fn write_all(
+    stream: TcpStream,
+    buf: Vec<u8>,
+    idle: Duration,
+) -> (TcpStream, Vec<u8>, io::Result<()>) {
+    let queued = batch::enqueue(stream, buf);
+    // Without batching too, so that the writes of a turn still go out
+    // close together.
+    end_of_turn().await;
+    let (mut stream, buf, sent) = match queued {
+        Ok(ticket) => ticket.take(),
+        // Not batched here: nothing has been tried yet.
+        Err((stream, buf)) => (stream, buf, Err(io::ErrorKind::WouldBlock.into())),
+    };
+    let rest = match sent {
+        Ok(n) if n == buf.len() => return (stream, buf, Ok(())),
+        // The socket took part of it: the rest waits for room.
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return (stream, buf, Err(e)),
+    };
+    let result = match tokio::time::timeout(idle, stream.write_all(&buf[rest..])).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer took no bytes for idle_timeout",
+        )),
+    };
+    (stream, buf, result)
+}
+
+/// Turns batched writes on for the current thread, if io_uring can be used
+/// here; returns whether it is on. Each worker calls it once, on its own
+/// thread.
+pub fn batch_writes() -> bool {
+    batch::enable()
+}
+
+/// Lets the tasks already queued on this worker run first, once: the
+/// caller goes on at the end of the turn, before the worker polls its
+/// sockets again. Not `tokio::task::yield_now`, which waits until after
+/// that poll: every write would then also wait behind the next turn's work.
+async fn end_of_turn() {
+    let mut queued = false;
+    std::future::poll_fn(|cx| {
+        if queued {
+            return Poll::Ready(());
+        }
+        queued = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
+mod batch;
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+mod ring;
+
+/// Where io_uring is not (another OS): no ring can be made, and every
+/// write is a `send` of its own.
+#[cfg(not(target_os = "linux"))]
+mod ring {
+    use std::io;
+
+    pub const RING_SIZE: usize = 128;
+
+    pub struct Outgoing {
+        pub fd: i32,
+        pub buf: Vec<u8>,
+        pub sent: Option<io::Result<usize>>,
+    }
+
+    pub struct Ring {
+        pub submissions: u64,
+        never: std::convert::Infallible,
+    }
+
+    impl Ring {
+        pub fn new() -> io::Result<Self> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+
+        pub fn send_all(self: Box<Self>, _: &mut [Outgoing]) -> Result<Box<Self>, ()> {
+            match self.never {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Waker};
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(60);
+
+    /// The two ends of a loopback TCP connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap());
+        let (near, accepted) = tokio::join!(near, listener.accept());
+        (near.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Turns batching on for the test's thread. The tests that call it
+    /// are ignored where io_uring does not work (build.rs asks the kernel).
+    fn batching() {
+        assert!(
+            batch_writes(),
+            "io_uring worked when the tests were built, but not now"
+        );
+    }
+
+    #[cfg_attr(not(io_uring), ignore = "io_uring is unavailable on this machine")]
+    #[tokio::test]
+    async fn the_writes_of_one_turn_go_out_in_one_system_call() {
+        batching();
+        let mut pairs = Vec::new();
+        for _ in 0..16 {
+            pairs.push(pair().await);
+        }
+        let before = batch::submissions();
+        // Spawned together, the writers run in the same turn.
+        let (writers, readers): (Vec<_>, Vec<_>) = (0..16u8)
+            .zip(pairs)
+            .map(|(i, (near, far))| {
+                (
+                    tokio::spawn(write_all(near, vec![i; 100 + i as usize], IDLE)),
+                    far,
+                )
+            })
+            .unzip();
+        for (i, (writer, mut reader)) in writers.into_iter().zip(readers).enumerate() {
+            let (stream, buf, result) = writer.await.unwrap();
+            result.unwrap();
+            assert_eq!(buf, vec![i as u8; 100 + i], "the bytes come back");
+            drop(stream);
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, buf);
+        }
+        assert_eq!(
+            batch::submissions() - before,
+            1,
+            "16 writes, one submission"
+        );
+    }
+
+    /// Reads exactly `len` bytes from `stream`.
+    async fn read_len(mut stream: TcpStream, len: usize) -> Vec<u8> {
+        let mut got = vec![0; len];
+        stream.read_exact(&mut got).await.unwrap();
+        got
+    }
+
+    #[cfg_attr(not(io_uring), ignore = "io_uring is unavailable on this machine")]
+    #[tokio::test]
+    async fn what_a_socket_does_not_take_goes_out_as_it_drains() {
+        batching();
+        // Two writes, so that they go through the ring; each larger than
+        // loopback's socket buffers.
+        let big: Vec<u8> = (0..32 << 20).map(|i: u32| i as u8).collect();
+        let (a, a_reader) = pair().await;
+        let (b, b_reader) = pair().await;
+        let before = batch::submissions();
+        let a = tokio::spawn(write_all(a, big.clone(), IDLE));
+        let b = tokio::spawn(write_all(b, big.clone(), IDLE));
+        let a_read = tokio::spawn(read_len(a_reader, big.len()));
+        let b_read = tokio::spawn(read_len(b_reader, big.len()));
+        for writer in [a, b] {
+            let (_stream, _, result) = writer.await.unwrap();
+            result.unwrap();
+        }
+        assert_eq!(batch::submissions() - before, 1, "sent through the ring");
+        assert!(a_read.await.unwrap() == big);
+        assert!(b_read.await.unwrap() == big);
+    }
+
+    #[cfg_attr(not(io_uring), ignore = "io_uring is unavailable on this machine")]
+    #[test]
+    fn a_full_socket_never_holds_up_the_others() {
+        // If the ring waited for room on the full socket, the flush would
+        // block this thread for good: its reader only starts after the
+        // other write is through. A watchdog turns that into a failure.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                batching();
+                let (full, full_reader) = pair().await;
+                let (other, other_reader) = pair().await;
+                // Fill `full` until the kernel takes no more.
+                full.writable().await.unwrap();
+                let chunk = vec![7u8; 1 << 16];
+                let mut queued = 0;
+                loop {
+                    match full.try_write(&chunk) {
+                        Ok(n) => queued += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                let before = batch::submissions();
+                let late = tokio::spawn(write_all(full, b"late".to_vec(), IDLE));
+                let first = tokio::spawn(write_all(other, b"first".to_vec(), IDLE));
+                let (_other, _, result) = first.await.unwrap();
+                result.unwrap();
+                assert_eq!(read_len(other_reader, 5).await, b"first");
+                assert_eq!(batch::submissions() - before, 1);
+                // Now the full socket drains, and its write goes out.
+                let drained = tokio::spawn(read_len(full_reader, queued + 4));
+                let (_full, _, result) = late.await.unwrap();
+                result.unwrap();
+                assert!(drained.await.unwrap().ends_with(b"late"));
+            });
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the batch went out without waiting for the full socket");
+    }
+
+    #[cfg_attr(not(io_uring), ignore = "io_uring is unavailable on this machine")]
+    #[tokio::test]
+    async fn a_write_whose_task_is_dropped_before_the_turn_ends_is_never_sent() {
+        batching();
+        let (dropped, mut dropped_reader) = pair().await;
+        let (kept, mut kept_reader) = pair().await;
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut cancelled = Box::pin(write_all(dropped, b"never".to_vec(), IDLE));
+        assert!(
+            cancelled.as_mut().poll(&mut cx).is_pending(),
+            "waits for the end of the turn"
+        );
+        drop(cancelled);
+        let mut other = Box::pin(write_all(kept, b"sent".to_vec(), IDLE));
+        assert!(other.as_mut().poll(&mut cx).is_pending());
+        let (kept, _, result) = other.await;
+        result.unwrap();
+        drop(kept);
+        let mut got = Vec::new();
+        kept_reader.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"sent");
+        let mut got = Vec::new();
+        dropped_reader.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty(), "the dropped write's stream closed unsent");
+    }
+
+    #[cfg_attr(not(io_uring), ignore = "io_uring is unavailable on this machine")]
+    #[tokio::test]
+    async fn a_write_to_a_reset_connection_fails_and_the_others_go_out() {
+        batching();
+        let (reset, reset_peer) = pair().await;
+        // Closing with a zero linger resets the connection at once.
+        reset_peer.set_zero_linger().unwrap();
+        drop(reset_peer);
+        let (fine, mut fine_reader) = pair().await;
+        let before = batch::submissions();
+        let reset = tokio::spawn(write_all(reset, b"lost".to_vec(), IDLE));
+        let fine = tokio::spawn(write_all(fine, b"kept".to_vec(), IDLE));
+        let (_, buf, result) = reset.await.unwrap();
+        assert!(result.is_err(), "{result:?}");
+        assert_eq!(buf, b"lost", "the bytes come back with the error");
+        let (fine, _, result) = fine.await.unwrap();
+        result.unwrap();
+        assert_eq!(batch::submissions() - before, 1);
+        drop(fine);
+        let mut got = Vec::new();
+        fine_reader.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"kept");
+    }
+
+    #[test]
+    fn without_batching_writes_go_out_one_by_one() {
+        // A fresh thread, on which nothing turned batching on.
+        std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (near, mut far) = pair().await;
+                let (near, _, result) = write_all(near, b"hello".to_vec(), IDLE).await;
+                result.unwrap();
+                drop(near);
+                let mut got = Vec::new();
+                far.read_to_end(&mut got).await.unwrap();
+                assert_eq!(got, b"hello");
+                assert_eq!(batch::submissions(), 0, "no ring on this thread");
+            });
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn end_of_turn_lets_the_tasks_already_queued_run_first() {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (a, b) = (order.clone(), order.clone());
+        // Spawned, like the worker's connection tasks.
+        let waiter = tokio::spawn(async move {
+            a.lock().unwrap().push("waiter");
+            end_of_turn().await;
+            a.lock().unwrap().push("waiter goes on");
+        });
+        let queued = tokio::spawn(async move { b.lock().unwrap().push("queued") });
+        waiter.await.unwrap();
+        queued.await.unwrap();
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["waiter", "queued", "waiter goes on"]
+        );
+    }
+}
