@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{TestGateway, eventually};
+use common::{TestGateway, Way, each_way, eventually};
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -112,9 +112,8 @@ async fn read_head(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Opt
     }
 }
 
-#[tokio::test]
-async fn chunked_responses_are_decoded_with_extensions_and_trailers() {
-    let gw = TestGateway::start(QUIET).await;
+async fn chunked_responses_are_decoded_with_extensions_and_trailers(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|_| Answer {
         chunk: 3,
         ..answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 999\r\n\r\n5;name=value\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Checksum: 1\r\n\r\n")
@@ -129,9 +128,8 @@ async fn chunked_responses_are_decoded_with_extensions_and_trailers() {
     assert_eq!(up.connections(), 1, "reused after each chunked body");
 }
 
-#[tokio::test]
-async fn bodiless_responses_keep_the_connection() {
-    let gw = TestGateway::start(QUIET).await;
+async fn bodiless_responses_keep_the_connection(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|head| {
         if head.starts_with("HEAD") {
             answer("HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Kind: head\r\n\r\n")
@@ -163,9 +161,8 @@ async fn bodiless_responses_keep_the_connection() {
     assert_eq!(up.connections(), 1);
 }
 
-#[tokio::test]
-async fn close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused() {
-    let gw = TestGateway::start(QUIET).await;
+async fn close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|head| Answer {
         close: true,
         chunk: 4,
@@ -183,9 +180,8 @@ async fn close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused
     assert_eq!(up.connections(), 3);
 }
 
-#[tokio::test]
-async fn interim_responses_are_skipped() {
-    let gw = TestGateway::start(QUIET).await;
+async fn interim_responses_are_skipped(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|_| {
         answer("HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone")
     })
@@ -196,9 +192,8 @@ async fn interim_responses_are_skipped() {
     assert_eq!(reply.text(), "done");
 }
 
-#[tokio::test]
-async fn broken_framing_from_an_upstream_is_a_502() {
-    let gw = TestGateway::start(QUIET).await;
+async fn broken_framing_from_an_upstream_is_a_502(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     for bad in [
         "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
         "HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\nabc",
@@ -219,9 +214,8 @@ async fn broken_framing_from_an_upstream_is_a_502() {
     }
 }
 
-#[tokio::test]
-async fn a_response_cut_short_is_an_error_for_the_client() {
-    let gw = TestGateway::start(QUIET).await;
+async fn a_response_cut_short_is_an_error_for_the_client(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|_| Answer {
         close: true,
         ..answer("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
@@ -229,11 +223,11 @@ async fn a_response_cut_short_is_an_error_for_the_client() {
     .await;
     gw.register("svc", &up.url).await;
     let request = http::Request::get(gw.url("/call/svc/x"))
-        .body(Default::default())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
     // The client must never take the truncated body for a whole one: the
     // exchange breaks, before the head or inside the body.
-    let whole = match gw.client.request(request).await {
+    let whole = match gw.caller.response(request).await {
         Ok(response) => http_body_util::BodyExt::collect(response.into_body())
             .await
             .is_ok(),
@@ -242,9 +236,8 @@ async fn a_response_cut_short_is_an_error_for_the_client() {
     assert!(!whole);
 }
 
-#[tokio::test]
-async fn an_idle_connection_the_upstream_closed_is_not_used() {
-    let gw = TestGateway::start(QUIET).await;
+async fn an_idle_connection_the_upstream_closed_is_not_used(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     // Answers keep-alive, then closes the idle connection soon after.
     let up = Scripted::start(|_| Answer {
         close: true,
@@ -278,9 +271,8 @@ async fn an_idle_connection_the_upstream_closed_is_not_used() {
     assert_eq!(up.connections(), 10);
 }
 
-#[tokio::test]
-async fn an_early_answer_to_a_large_upload_is_passed_back() {
-    let gw = TestGateway::start(QUIET).await;
+async fn an_early_answer_to_a_large_upload_is_passed_back(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     // Answers 413 after the head and closes without reading the body.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -310,4 +302,15 @@ async fn an_early_answer_to_a_large_upload_is_passed_back() {
         reply.text()
     );
     assert_eq!(reply.text(), "too big!");
+}
+
+each_way! {
+    chunked_responses_are_decoded_with_extensions_and_trailers,
+    bodiless_responses_keep_the_connection,
+    close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused,
+    interim_responses_are_skipped,
+    broken_framing_from_an_upstream_is_a_502,
+    a_response_cut_short_is_an_error_for_the_client,
+    an_idle_connection_the_upstream_closed_is_not_used,
+    an_early_answer_to_a_large_upload_is_passed_back,
 }
