@@ -645,6 +645,126 @@ async fn a_gateway_registered_behind_itself_by_hostname_is_caught(way: Way) {
     );
 }
 
+// ----- a client cannot hurt an instance -----
+//
+// SPEC §5: a request that fails through its client's fault (upload
+// aborted or stalled) is not the instance's failure. Bodies of 70 000
+// bytes: past max_replay_body_bytes, so they stream to the instance as
+// they come, and the instance's exchange is under way when the client
+// fails it.
+
+const BREAKER: &str = "[health_check]\ninterval = \"0s\"\n[circuit_breaker]\nfailure_threshold = 3\n[limits]\nbody_idle_timeout = \"300ms\"\n";
+
+const UPLOAD_HEAD: &[u8] =
+    b"POST /call/svc/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\n";
+
+fn upload_request(body: common::Piped) -> http::Request<common::Piped> {
+    http::Request::post("http://gw/call/svc/upload")
+        .header("content-length", "100000")
+        .body(body)
+        .unwrap()
+}
+
+async fn assert_instance_unharmed(gw: &TestGateway) {
+    let service = gw.get("/services/svc").await.json();
+    let instance = &service["instances"][0];
+    assert_eq!(
+        (
+            instance["circuit"].as_str(),
+            instance["consecutive_failures"].as_u64()
+        ),
+        (Some("closed"), Some(0)),
+        "{instance}"
+    );
+    let reply = gw.get("/call/svc/after").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+async fn uploads_the_client_aborts_do_not_open_the_instances_circuit(way: Way) {
+    let gw = TestGateway::start_way(BREAKER, way).await;
+    let up = Echo::start("a").await;
+    gw.register("svc", &up.url()).await;
+    for i in 1..=3 {
+        if way.is_http1() {
+            let mut stream = gw.raw().await;
+            stream.write_all(UPLOAD_HEAD).await.unwrap();
+            stream.write_all(&vec![b'x'; 70_000]).await.unwrap();
+            common::eventually(Duration::from_secs(5), "the upload under way", || async {
+                up.hits() == i
+            })
+            .await;
+            // The client goes (half-closing, so the gateway's answer, if
+            // any, and its close can be waited for).
+            stream.shutdown().await.unwrap();
+            let (_, closed) = read_until_close(&mut stream, Duration::from_secs(10)).await;
+            assert!(closed, "the gateway closes the aborted exchange");
+        } else {
+            let mut sender = common::h2_connection(gw.addr).await;
+            let (feed, body) = common::piped();
+            feed.send(vec![b'x'; 70_000]);
+            let answer =
+                tokio::spawn(sender.send_request(upload_request(body).map(common::AnyBody::new)));
+            common::eventually(Duration::from_secs(5), "the upload under way", || async {
+                up.hits() == i
+            })
+            .await;
+            // The client resets the stream.
+            drop(feed);
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer)
+                .await
+                .expect("the stream ends");
+        }
+        common::eventually(
+            Duration::from_secs(5),
+            "the instance saw the upload break",
+            || async { up.broken() == i },
+        )
+        .await;
+    }
+    assert_instance_unharmed(&gw).await;
+}
+
+async fn uploads_that_stall_do_not_open_the_instances_circuit(way: Way) {
+    let gw = TestGateway::start_way(BREAKER, way).await;
+    let up = Echo::start("a").await;
+    gw.register("svc", &up.url()).await;
+    for i in 1..=3 {
+        if way.is_http1() {
+            let mut stream = gw.raw().await;
+            stream.write_all(UPLOAD_HEAD).await.unwrap();
+            stream.write_all(&vec![b'x'; 70_000]).await.unwrap();
+            let mut read = Vec::new();
+            let mut buf = [0u8; 4096];
+            while common::responses(&read).is_empty() {
+                let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                    .await
+                    .expect("an answer within 10 s")
+                    .unwrap_or(0);
+                assert!(
+                    n > 0,
+                    "closed without an answer: {:?}",
+                    String::from_utf8_lossy(&read)
+                );
+                read.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(
+                common::responses(&read)[0].status,
+                408,
+                "{}",
+                String::from_utf8_lossy(&read)
+            );
+        } else {
+            let (feed, body) = common::piped();
+            feed.send(vec![b'x'; 70_000]);
+            let (status, _) = h2_exchange(&gw, upload_request(body)).await.unwrap();
+            assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+            drop(feed);
+        }
+        assert_eq!(up.hits(), i, "the upload was under way");
+    }
+    assert_instance_unharmed(&gw).await;
+}
+
 each_way! {
     registry_writes_need_the_admin_token_and_reads_stay_open,
     registration_refuses_addresses_outside_the_policy,
@@ -657,7 +777,9 @@ each_way! {
     oversized_heads_get_431,
     registry_quotas_give_429_and_keep_what_exists,
     via_is_added_and_loops_get_508,
-    a_gateway_registered_behind_itself_by_hostname_is_caught;
+    a_gateway_registered_behind_itself_by_hostname_is_caught,
+    uploads_the_client_aborts_do_not_open_the_instances_circuit,
+    uploads_that_stall_do_not_open_the_instances_circuit;
     http1:
     a_slowloris_client_is_cut_off_by_header_read_timeout,
     both_content_length_and_transfer_encoding_are_refused_and_nothing_is_smuggled,
