@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Echo, Gated, TestGateway};
+use common::{Echo, Gated, TestGateway, Way, each_way};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -46,6 +46,14 @@ impl RawClient {
         let stream = TcpStream::connect(addr).await.unwrap();
         Self {
             stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// A connection that went `way`: new, or past a registry call.
+    async fn connect_way(addr: std::net::SocketAddr, way: Way) -> Self {
+        Self {
+            stream: common::raw_connection(addr, way).await,
             buf: Vec::new(),
         }
     }
@@ -149,18 +157,17 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) {
 }
 
 /// A gateway configured by `toml` with one echo instance behind service
-/// `svc`, and a raw client connection to it.
-async fn echo_behind(toml: &str) -> (TestGateway, Echo, RawClient) {
-    let gw = TestGateway::start(toml).await;
+/// `svc`, and a raw client connection to it that went `way`.
+async fn echo_behind(toml: &str, way: Way) -> (TestGateway, Echo, RawClient) {
+    let gw = TestGateway::start_way(toml, way).await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
-    let client = RawClient::connect(gw.addr).await;
+    let client = RawClient::connect_way(gw.addr, way).await;
     (gw, up, client)
 }
 
-#[tokio::test]
-async fn one_connection_serves_calls_and_everything_else_in_order() {
-    let (_gw, up, mut client) = echo_behind(QUIET).await;
+async fn one_connection_serves_calls_and_everything_else_in_order(way: Way) {
+    let (_gw, up, mut client) = echo_behind(QUIET, way).await;
 
     // Two calls pipelined in one write, answered in order.
     client
@@ -225,9 +232,8 @@ fn up_id(up: &Echo) -> String {
     up.url().trim_start_matches("http://").to_string()
 }
 
-#[tokio::test]
-async fn a_call_that_asks_to_close_is_answered_with_connection_close() {
-    let (_gw, _up, mut client) = echo_behind(QUIET).await;
+async fn a_call_that_asks_to_close_is_answered_with_connection_close(way: Way) {
+    let (_gw, _up, mut client) = echo_behind(QUIET, way).await;
     let reply = client
         .ask(b"GET /call/svc/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
         .await;
@@ -284,11 +290,11 @@ async fn past_the_shutdown_grace_a_call_still_in_flight_is_cut_off() {
     assert!(busy.buf.is_empty(), "without an answer");
 }
 
-#[tokio::test]
-async fn an_idle_connection_closes_header_read_timeout_after_its_last_response() {
-    let (_gw, _up, mut client) = echo_behind(&format!(
-        "{QUIET}[limits]\nheader_read_timeout = \"400ms\"\n"
-    ))
+async fn an_idle_connection_closes_header_read_timeout_after_its_last_response(way: Way) {
+    let (_gw, _up, mut client) = echo_behind(
+        &format!("{QUIET}[limits]\nheader_read_timeout = \"400ms\"\n"),
+        way,
+    )
     .await;
     let first = client
         .ask(b"GET /call/svc/one HTTP/1.1\r\nHost: gw\r\n\r\n")
@@ -305,4 +311,14 @@ async fn an_idle_connection_closes_header_read_timeout_after_its_last_response()
     assert!(client.closes().await, "an idle connection is closed");
     let idle = answered.elapsed();
     assert!(idle >= Duration::from_millis(300), "closed after {idle:?}");
+}
+
+// Connection handling of HTTP/1.1 by nature; HTTP/2 multiplexes streams
+// and has neither pipelining nor Connection: close.
+each_way! {
+    ;
+    http1:
+    one_connection_serves_calls_and_everything_else_in_order,
+    a_call_that_asks_to_close_is_answered_with_connection_close,
+    an_idle_connection_closes_header_read_timeout_after_its_last_response,
 }

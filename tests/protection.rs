@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Echo, TestGateway};
+use bytes::Bytes;
+use common::{Echo, TestGateway, Way, each_way};
 use http::{Method, StatusCode};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,12 +15,31 @@ use tokio::net::TcpStream;
 
 const QUIET: &str = "[health_check]\ninterval = \"0s\"\n";
 
-/// Writes `bytes`, then reads until the server closes or `wait` passes.
-/// Returns what was read and whether the server closed the connection.
-async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+/// Writes `bytes` on a new connection that went `gw`'s way (fresh, or
+/// after a registry call), then reads until the server closes or `wait`
+/// passes. Returns what was read and whether the server closed the
+/// connection.
+async fn raw(gw: &TestGateway, bytes: &[u8], wait: Duration) -> (String, bool) {
+    let mut stream = gw.raw().await;
     stream.write_all(bytes).await.unwrap();
     read_until_close(&mut stream, wait).await
+}
+
+/// Sends `request` on an HTTP/2 connection of its own, its body fed by
+/// hand; returns the response's status and `x-switchyard-error`.
+async fn h2_exchange(
+    gw: &TestGateway,
+    request: http::Request<common::Piped>,
+) -> Result<(StatusCode, Option<String>), hyper::Error> {
+    let mut sender = common::h2_connection(gw.addr).await;
+    let request = request.map(common::AnyBody::new);
+    let response = sender.send_request(request).await?;
+    let error = response
+        .headers()
+        .get("x-switchyard-error")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok((response.status(), error))
 }
 
 async fn read_until_close(stream: &mut TcpStream, wait: Duration) -> (String, bool) {
@@ -46,11 +65,11 @@ fn status_of(response: &str) -> u16 {
 
 // ----- admin token -----
 
-#[tokio::test]
-async fn registry_writes_need_the_admin_token_and_reads_stay_open() {
-    let gw = TestGateway::start(&format!(
-        "{QUIET}[gateway]\nadmin_token = \"s3cret-token\"\n"
-    ))
+async fn registry_writes_need_the_admin_token_and_reads_stay_open(way: Way) {
+    let gw = TestGateway::start_way(
+        &format!("{QUIET}[gateway]\nadmin_token = \"s3cret-token\"\n"),
+        way,
+    )
     .await;
     let body = json!({"name": "svc", "url": "http://127.0.0.1:9"}).to_string();
     let json_ct = ("content-type", "application/json");
@@ -112,9 +131,8 @@ async fn registry_writes_need_the_admin_token_and_reads_stay_open() {
 
 // ----- upstream policy (SSRF) -----
 
-#[tokio::test]
-async fn registration_refuses_addresses_outside_the_policy() {
-    let gw = TestGateway::start(QUIET).await;
+async fn registration_refuses_addresses_outside_the_policy(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let own = format!("http://{}", gw.addr);
     let own_localhost_ip = format!("http://127.0.0.1:{}", gw.addr.port());
     let table = [
@@ -157,11 +175,11 @@ async fn registration_refuses_addresses_outside_the_policy() {
     gw.register("svc", "http://localhost:10").await;
 }
 
-#[tokio::test]
-async fn an_allow_list_admits_only_its_networks() {
-    let gw = TestGateway::start(&format!(
-        "{QUIET}[upstreams]\nallow = [\"10.0.0.0/8\", \"127.0.0.1\"]\n"
-    ))
+async fn an_allow_list_admits_only_its_networks(way: Way) {
+    let gw = TestGateway::start_way(
+        &format!("{QUIET}[upstreams]\nallow = [\"10.0.0.0/8\", \"127.0.0.1\"]\n"),
+        way,
+    )
     .await;
     gw.register("svc", "http://10.1.2.3:80").await;
     gw.register("svc", "http://127.0.0.1:9").await;
@@ -173,15 +191,15 @@ async fn an_allow_list_admits_only_its_networks() {
     }
 }
 
-#[tokio::test]
-async fn a_hostname_resolving_to_a_denied_address_is_refused_at_connect_time() {
+async fn a_hostname_resolving_to_a_denied_address_is_refused_at_connect_time(way: Way) {
     // localhost resolves to loopback, which this policy denies. A high
     // failure threshold keeps the circuit closed, so every call reaches the
     // connect-time check (otherwise the circuit opens after three).
-    let gw = TestGateway::start(
+    let gw = TestGateway::start_way(
         "[health_check]\ninterval = \"0s\"\nunhealthy_threshold = 1\n\
          [circuit_breaker]\nfailure_threshold = 100\n\
          [upstreams]\ndeny = [\"127.0.0.0/8\", \"::1/128\"]\n",
+        way,
     )
     .await;
     let up = Echo::start("secret").await;
@@ -204,9 +222,8 @@ async fn a_hostname_resolving_to_a_denied_address_is_refused_at_connect_time() {
     assert_eq!(up.hits(), 0, "nothing reached the denied address");
 }
 
-#[tokio::test]
-async fn redirects_are_passed_back_not_followed() {
-    let gw = TestGateway::start(QUIET).await;
+async fn redirects_are_passed_back_not_followed(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = common::Upstream::start(|_| async {
         let mut response = common::response(302, "");
         response.headers_mut().insert(
@@ -227,11 +244,33 @@ async fn redirects_are_passed_back_not_followed() {
 
 // ----- limits and timeouts -----
 
-#[tokio::test]
-async fn max_connections_makes_new_connections_wait() {
-    let gw = TestGateway::start(&format!("{QUIET}[limits]\nmax_connections = 2\n")).await;
-    let mut first = TcpStream::connect(gw.addr).await.unwrap();
-    let mut second = TcpStream::connect(gw.addr).await.unwrap();
+async fn max_connections_makes_new_connections_wait(way: Way) {
+    let gw = TestGateway::start_way(&format!("{QUIET}[limits]\nmax_connections = 2\n"), way).await;
+    if way == Way::H2c {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut sender = common::h2_connection(gw.addr).await;
+            let (status, _) = h2_get(&mut sender, "/healthz").await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            held.push(sender);
+        }
+        // A third connection is not served while two are open ...
+        let mut third = common::h2_connection(gw.addr).await;
+        let mut answer = tokio::spawn(async move { h2_get(&mut third, "/healthz").await });
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut answer).await;
+        assert!(early.is_err(), "served beyond max_connections");
+        // ... and is as soon as one closes.
+        drop(held.remove(0));
+        let (status, _) = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("served once a connection closed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        return;
+    }
+    let mut first = gw.raw().await;
+    let mut second = gw.raw().await;
     for stream in [&mut first, &mut second] {
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -241,28 +280,51 @@ async fn max_connections_makes_new_connections_wait() {
         let n = stream.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     }
-    // A third connection is not served while two are open ...
+    // A third connection is not served while two are open (its registry
+    // call, when it makes one, goes in the same write) ...
     let mut third = TcpStream::connect(gw.addr).await.unwrap();
-    third
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let mut bytes = Vec::new();
+    if way == Way::Warm {
+        bytes.extend_from_slice(common::WARM_UP);
+    }
+    bytes.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    third.write_all(&bytes).await.unwrap();
     let mut buf = [0u8; 256];
     let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
     assert!(early.is_err(), "served beyond max_connections");
     // ... and is as soon as one closes.
     drop(first);
     let (reply, _) = read_until_close(&mut third, Duration::from_secs(10)).await;
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let answers = if way == Way::Warm { 2 } else { 1 };
+    assert_eq!(reply.matches("HTTP/1.1 200").count(), answers, "{reply}");
+    assert!(reply.contains("{\"status\":\"ok\"}"), "{reply}");
 }
 
-#[tokio::test]
-async fn a_slowloris_client_is_cut_off_by_header_read_timeout() {
-    let gw = TestGateway::start(&format!(
-        "{QUIET}[limits]\nheader_read_timeout = \"300ms\"\n"
-    ))
+async fn h2_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<common::AnyBody>,
+    path: &str,
+) -> Result<(StatusCode, Vec<u8>), hyper::Error> {
+    use http_body_util::BodyExt;
+    let request = http::Request::get(format!("http://gw{path}"))
+        .body(http_body_util::combinators::UnsyncBoxBody::new(
+            http_body_util::Empty::new().map_err(|never| match never {}),
+        ))
+        .unwrap();
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes().to_vec();
+    Ok((status, body))
+}
+
+// HTTP/1 only: the head of an HTTP/2 request is a HEADERS frame, not a
+// stream of bytes a client can drip.
+async fn a_slowloris_client_is_cut_off_by_header_read_timeout(way: Way) {
+    let gw = TestGateway::start_way(
+        &format!("{QUIET}[limits]\nheader_read_timeout = \"300ms\"\n"),
+        way,
+    )
     .await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let mut stream = gw.raw().await;
     let started = Instant::now();
     // One byte of the head every 50 ms: activity, but never a whole head.
     let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -292,9 +354,12 @@ async fn a_slowloris_client_is_cut_off_by_header_read_timeout() {
     assert_eq!(gw.get("/healthz").await.status, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn a_stalled_request_body_gets_408() {
-    let gw = TestGateway::start(&format!("{QUIET}[limits]\nbody_idle_timeout = \"300ms\"\n")).await;
+async fn a_stalled_request_body_gets_408(way: Way) {
+    let gw = TestGateway::start_way(
+        &format!("{QUIET}[limits]\nbody_idle_timeout = \"300ms\"\n"),
+        way,
+    )
+    .await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
     let stalled = [
@@ -305,9 +370,34 @@ async fn a_stalled_request_body_gets_408() {
         // Proxied, chunked body that stops mid-way.
         "POST /call/svc/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
     ];
+    if way == Way::H2c {
+        // The same three over HTTP/2: a promised length not sent, and a
+        // body with no length that stops mid-way.
+        for (path, length, sent) in [
+            ("/services", Some("100"), &b"{\"name\":"[..]),
+            ("/call/svc/x", Some("100"), b"0123456789"),
+            ("/call/svc/x", None, b"hello"),
+        ] {
+            let (feed, body) = common::piped();
+            feed.send(Bytes::from_static(sent));
+            let mut request = http::Request::post(format!("http://gw{path}"))
+                .header("content-type", "application/json");
+            if let Some(length) = length {
+                request = request.header("content-length", length);
+            }
+            let started = Instant::now();
+            let (status, error) = h2_exchange(&gw, request.body(body).unwrap()).await.unwrap();
+            assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{path}");
+            assert_eq!(error.as_deref(), Some("request_timeout"));
+            assert!(started.elapsed() >= Duration::from_millis(250));
+            drop(feed);
+        }
+        assert_eq!(up.hits(), 0, "no stalled request was forwarded");
+        return;
+    }
     for request in stalled {
         let started = Instant::now();
-        let (reply, _) = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+        let (reply, _) = raw(&gw, request.as_bytes(), Duration::from_secs(5)).await;
         assert_eq!(status_of(&reply), 408, "{request:?}: {reply}");
         assert!(
             reply.contains("x-switchyard-error: request_timeout"),
@@ -318,41 +408,67 @@ async fn a_stalled_request_body_gets_408() {
     assert_eq!(up.hits(), 0, "no stalled request was forwarded");
 }
 
-#[tokio::test]
-async fn a_large_streamed_body_that_stalls_gets_408_and_is_never_completed_upstream() {
-    let gw = TestGateway::start(&format!("{QUIET}[limits]\nbody_idle_timeout = \"300ms\"\n")).await;
+async fn a_large_streamed_body_that_stalls_gets_408_and_is_never_completed_upstream(way: Way) {
+    let gw = TestGateway::start_way(
+        &format!("{QUIET}[limits]\nbody_idle_timeout = \"300ms\"\n"),
+        way,
+    )
+    .await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
-    let mut request =
-        b"POST /call/svc/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".to_vec();
-    request.extend(std::iter::repeat_n(b'x', 200_000));
-    let (reply, _) = raw(gw.addr, &request, Duration::from_secs(5)).await;
-    assert_eq!(status_of(&reply), 408, "{reply}");
+    if way == Way::H2c {
+        let (feed, body) = common::piped();
+        feed.send(vec![b'x'; 200_000]);
+        let request = http::Request::post("http://gw/call/svc/x")
+            .header("content-length", "1000000")
+            .body(body)
+            .unwrap();
+        let (status, _) = h2_exchange(&gw, request).await.unwrap();
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+        drop(feed);
+    } else {
+        let mut request =
+            b"POST /call/svc/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+        request.extend(std::iter::repeat_n(b'x', 200_000));
+        let (reply, _) = raw(&gw, &request, Duration::from_secs(5)).await;
+        assert_eq!(status_of(&reply), 408, "{reply}");
+    }
     // The body streamed as it came; it was never finished upstream.
     assert_eq!(up.complete.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
-#[tokio::test]
-async fn oversized_heads_get_431() {
-    let gw = TestGateway::start(&format!("{QUIET}[limits]\nmax_header_bytes = 16384\n")).await;
+async fn oversized_heads_get_431(way: Way) {
+    let gw =
+        TestGateway::start_way(&format!("{QUIET}[limits]\nmax_header_bytes = 16384\n"), way).await;
     let big = "a".repeat(20_000);
+    if way == Way::H2c {
+        let reply = gw
+            .request(Method::GET, "/healthz", "", &[("x-big", &big)])
+            .await;
+        assert_eq!(reply.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        let reply = gw
+            .request(Method::GET, "/healthz", "", &[("x-big", &big[..8000])])
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        return;
+    }
     let request = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
-    let (reply, _) = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    let (reply, _) = raw(&gw, request.as_bytes(), Duration::from_secs(5)).await;
     assert_eq!(status_of(&reply), 431, "{reply}");
     // A head under the limit is fine.
     let request = format!(
         "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
         &big[..8000]
     );
-    let (reply, _) = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    let (reply, _) = raw(&gw, request.as_bytes(), Duration::from_secs(5)).await;
     assert_eq!(status_of(&reply), 200, "{reply}");
 }
 
-#[tokio::test]
-async fn registry_quotas_give_429_and_keep_what_exists() {
-    let gw = TestGateway::start(&format!(
-        "{QUIET}[limits]\nmax_instances = 3\nmax_instances_per_service = 2\n"
-    ))
+async fn registry_quotas_give_429_and_keep_what_exists(way: Way) {
+    let gw = TestGateway::start_way(
+        &format!("{QUIET}[limits]\nmax_instances = 3\nmax_instances_per_service = 2\n"),
+        way,
+    )
     .await;
     gw.register("a", "http://127.0.0.1:1").await;
     gw.register("a", "http://127.0.0.1:2").await;
@@ -384,10 +500,13 @@ async fn registry_quotas_give_429_and_keep_what_exists() {
 }
 
 // ----- framing and routing hygiene -----
+//
+// The framing cases are HTTP/1 only: HTTP/2 frames every body itself and
+// has neither Transfer-Encoding nor absolute-form targets; its CONNECT is
+// another method altogether.
 
-#[tokio::test]
-async fn both_content_length_and_transfer_encoding_are_refused_and_nothing_is_smuggled() {
-    let gw = TestGateway::start(QUIET).await;
+async fn both_content_length_and_transfer_encoding_are_refused_and_nothing_is_smuggled(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
     for request in [
@@ -398,7 +517,7 @@ async fn both_content_length_and_transfer_encoding_are_refused_and_nothing_is_sm
         // On a registry path too.
         "POST /services HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ] {
-        let (reply, closed) = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+        let (reply, closed) = raw(&gw, request.as_bytes(), Duration::from_secs(5)).await;
         assert_eq!(status_of(&reply), 400, "{reply}");
         assert!(reply.contains("x-switchyard-error: bad_request"), "{reply}");
         assert_eq!(
@@ -415,20 +534,19 @@ async fn both_content_length_and_transfer_encoding_are_refused_and_nothing_is_sm
     );
     // A request that comes first on the same connection is unaffected.
     let request = "GET /call/svc/fine HTTP/1.1\r\nHost: x\r\n\r\nPOST /call/svc/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
-    let (reply, _) = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    let (reply, _) = raw(&gw, request.as_bytes(), Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(reply.matches("HTTP/1.1 400").count(), 1, "{reply}");
     assert_eq!(up.hits(), 1);
 }
 
-#[tokio::test]
-async fn upstreams_never_see_both_framing_headers() {
-    let gw = TestGateway::start(QUIET).await;
+async fn upstreams_never_see_both_framing_headers(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
     // Chunked in: forwarded with one framing header only.
     let request = "POST /call/svc/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-    let (reply, _) = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    let (reply, _) = raw(&gw, request.as_bytes(), Duration::from_secs(5)).await;
     let body = reply.split("\r\n\r\n").nth(1).unwrap_or_default();
     let echo: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{reply}"));
     let headers = echo["headers"].as_object().unwrap();
@@ -439,9 +557,8 @@ async fn upstreams_never_see_both_framing_headers() {
     );
 }
 
-#[tokio::test]
-async fn invalid_chunking_is_refused_without_forwarding() {
-    let gw = TestGateway::start(QUIET).await;
+async fn invalid_chunking_is_refused_without_forwarding(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
     for request in [
@@ -450,16 +567,15 @@ async fn invalid_chunking_is_refused_without_forwarding() {
         "POST /call/svc/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
         "POST /call/svc/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
     ] {
-        let (reply, _) = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+        let (reply, _) = raw(&gw, request.as_bytes(), Duration::from_secs(5)).await;
         let status = status_of(&reply);
         assert!((400..500).contains(&status), "{request:?}: {reply}");
     }
     assert_eq!(up.hits(), 0);
 }
 
-#[tokio::test]
-async fn absolute_form_asterisk_and_connect_targets_are_refused() {
-    let gw = TestGateway::start(QUIET).await;
+async fn absolute_form_asterisk_and_connect_targets_are_refused(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
     for (request, status) in [
@@ -480,16 +596,15 @@ async fn absolute_form_asterisk_and_connect_targets_are_refused() {
             405,
         ),
     ] {
-        let (reply, _) = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+        let (reply, _) = raw(&gw, request.as_bytes(), Duration::from_secs(5)).await;
         assert_eq!(status_of(&reply), status, "{request:?}: {reply}");
         assert!(reply.contains("x-switchyard-error:"), "{reply}");
     }
     assert_eq!(up.hits(), 0);
 }
 
-#[tokio::test]
-async fn via_is_added_and_loops_get_508() {
-    let gw = TestGateway::start(&format!("{QUIET}[gateway]\nname = \"edge-1\"\n")).await;
+async fn via_is_added_and_loops_get_508(way: Way) {
+    let gw = TestGateway::start_way(&format!("{QUIET}[gateway]\nname = \"edge-1\"\n"), way).await;
     let up = Echo::start("a").await;
     gw.register("svc", &up.url()).await;
     let echo = gw
@@ -513,11 +628,10 @@ async fn via_is_added_and_loops_get_508() {
     assert_eq!(up.hits(), 1);
 }
 
-#[tokio::test]
-async fn a_gateway_registered_behind_itself_by_hostname_is_caught() {
+async fn a_gateway_registered_behind_itself_by_hostname_is_caught(way: Way) {
     // Registering the gateway's own address as an IP is refused outright;
     // by hostname it passes registration, and the connect-time check stops it.
-    let gw = TestGateway::start(QUIET).await;
+    let gw = TestGateway::start_way(QUIET, way).await;
     gw.register("me", &format!("http://localhost:{}", gw.addr.port()))
         .await;
     let reply = gw.get("/call/me/x").await;
@@ -529,4 +643,147 @@ async fn a_gateway_registered_behind_itself_by_hostname_is_caught() {
         "{}",
         reply.text()
     );
+}
+
+// ----- a client cannot hurt an instance -----
+//
+// SPEC §5: a request that fails through its client's fault (upload
+// aborted or stalled) is not the instance's failure. Bodies of 70 000
+// bytes: past max_replay_body_bytes, so they stream to the instance as
+// they come, and the instance's exchange is under way when the client
+// fails it.
+
+const BREAKER: &str = "[health_check]\ninterval = \"0s\"\n[circuit_breaker]\nfailure_threshold = 3\n[limits]\nbody_idle_timeout = \"300ms\"\n";
+
+const UPLOAD_HEAD: &[u8] =
+    b"POST /call/svc/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\n";
+
+fn upload_request(body: common::Piped) -> http::Request<common::Piped> {
+    http::Request::post("http://gw/call/svc/upload")
+        .header("content-length", "100000")
+        .body(body)
+        .unwrap()
+}
+
+async fn assert_instance_unharmed(gw: &TestGateway) {
+    let service = gw.get("/services/svc").await.json();
+    let instance = &service["instances"][0];
+    assert_eq!(
+        (
+            instance["circuit"].as_str(),
+            instance["consecutive_failures"].as_u64()
+        ),
+        (Some("closed"), Some(0)),
+        "{instance}"
+    );
+    let reply = gw.get("/call/svc/after").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+async fn uploads_the_client_aborts_do_not_open_the_instances_circuit(way: Way) {
+    let gw = TestGateway::start_way(BREAKER, way).await;
+    let up = Echo::start("a").await;
+    gw.register("svc", &up.url()).await;
+    for i in 1..=3 {
+        if way.is_http1() {
+            let mut stream = gw.raw().await;
+            stream.write_all(UPLOAD_HEAD).await.unwrap();
+            stream.write_all(&vec![b'x'; 70_000]).await.unwrap();
+            common::eventually(Duration::from_secs(5), "the upload under way", || async {
+                up.hits() == i
+            })
+            .await;
+            // The client goes (half-closing, so the gateway's answer, if
+            // any, and its close can be waited for).
+            stream.shutdown().await.unwrap();
+            let (_, closed) = read_until_close(&mut stream, Duration::from_secs(10)).await;
+            assert!(closed, "the gateway closes the aborted exchange");
+        } else {
+            let mut sender = common::h2_connection(gw.addr).await;
+            let (feed, body) = common::piped();
+            feed.send(vec![b'x'; 70_000]);
+            let answer =
+                tokio::spawn(sender.send_request(upload_request(body).map(common::AnyBody::new)));
+            common::eventually(Duration::from_secs(5), "the upload under way", || async {
+                up.hits() == i
+            })
+            .await;
+            // The client resets the stream.
+            drop(feed);
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer)
+                .await
+                .expect("the stream ends");
+        }
+        common::eventually(
+            Duration::from_secs(5),
+            "the instance saw the upload break",
+            || async { up.broken() == i },
+        )
+        .await;
+    }
+    assert_instance_unharmed(&gw).await;
+}
+
+async fn uploads_that_stall_do_not_open_the_instances_circuit(way: Way) {
+    let gw = TestGateway::start_way(BREAKER, way).await;
+    let up = Echo::start("a").await;
+    gw.register("svc", &up.url()).await;
+    for i in 1..=3 {
+        if way.is_http1() {
+            let mut stream = gw.raw().await;
+            stream.write_all(UPLOAD_HEAD).await.unwrap();
+            stream.write_all(&vec![b'x'; 70_000]).await.unwrap();
+            let mut read = Vec::new();
+            let mut buf = [0u8; 4096];
+            while common::responses(&read).is_empty() {
+                let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                    .await
+                    .expect("an answer within 10 s")
+                    .unwrap_or(0);
+                assert!(
+                    n > 0,
+                    "closed without an answer: {:?}",
+                    String::from_utf8_lossy(&read)
+                );
+                read.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(
+                common::responses(&read)[0].status,
+                408,
+                "{}",
+                String::from_utf8_lossy(&read)
+            );
+        } else {
+            let (feed, body) = common::piped();
+            feed.send(vec![b'x'; 70_000]);
+            let (status, _) = h2_exchange(&gw, upload_request(body)).await.unwrap();
+            assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+            drop(feed);
+        }
+        assert_eq!(up.hits(), i, "the upload was under way");
+    }
+    assert_instance_unharmed(&gw).await;
+}
+
+each_way! {
+    registry_writes_need_the_admin_token_and_reads_stay_open,
+    registration_refuses_addresses_outside_the_policy,
+    an_allow_list_admits_only_its_networks,
+    a_hostname_resolving_to_a_denied_address_is_refused_at_connect_time,
+    redirects_are_passed_back_not_followed,
+    max_connections_makes_new_connections_wait,
+    a_stalled_request_body_gets_408,
+    a_large_streamed_body_that_stalls_gets_408_and_is_never_completed_upstream,
+    oversized_heads_get_431,
+    registry_quotas_give_429_and_keep_what_exists,
+    via_is_added_and_loops_get_508,
+    a_gateway_registered_behind_itself_by_hostname_is_caught,
+    uploads_the_client_aborts_do_not_open_the_instances_circuit,
+    uploads_that_stall_do_not_open_the_instances_circuit;
+    http1:
+    a_slowloris_client_is_cut_off_by_header_read_timeout,
+    both_content_length_and_transfer_encoding_are_refused_and_nothing_is_smuggled,
+    upstreams_never_see_both_framing_headers,
+    invalid_chunking_is_refused_without_forwarding,
+    absolute_form_asterisk_and_connect_targets_are_refused,
 }

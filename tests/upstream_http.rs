@@ -6,12 +6,14 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{TestGateway, eventually};
+use common::{TestGateway, Way, each_way, eventually};
 use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 const QUIET: &str = "[health_check]\ninterval = \"0s\"\n";
 
@@ -112,9 +114,8 @@ async fn read_head(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Opt
     }
 }
 
-#[tokio::test]
-async fn chunked_responses_are_decoded_with_extensions_and_trailers() {
-    let gw = TestGateway::start(QUIET).await;
+async fn chunked_responses_are_decoded_with_extensions_and_trailers(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|_| Answer {
         chunk: 3,
         ..answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Checksum: 1\r\n\r\n")
@@ -129,9 +130,10 @@ async fn chunked_responses_are_decoded_with_extensions_and_trailers() {
     assert_eq!(up.connections(), 1, "reused after each chunked body");
 }
 
-#[tokio::test]
-async fn a_response_with_both_framing_headers_is_read_by_chunks_and_its_connection_dropped() {
-    let gw = TestGateway::start(QUIET).await;
+async fn a_response_with_both_framing_headers_is_read_by_chunks_and_its_connection_dropped(
+    way: Way,
+) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|_| {
         answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 999\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     })
@@ -151,9 +153,8 @@ async fn a_response_with_both_framing_headers_is_read_by_chunks_and_its_connecti
     assert_eq!(up.connections(), 2, "never reused");
 }
 
-#[tokio::test]
-async fn bodiless_responses_keep_the_connection() {
-    let gw = TestGateway::start(QUIET).await;
+async fn bodiless_responses_keep_the_connection(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|head| {
         if head.starts_with("HEAD") {
             answer("HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Kind: head\r\n\r\n")
@@ -185,9 +186,8 @@ async fn bodiless_responses_keep_the_connection() {
     assert_eq!(up.connections(), 1);
 }
 
-#[tokio::test]
-async fn close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused() {
-    let gw = TestGateway::start(QUIET).await;
+async fn close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|head| Answer {
         close: true,
         chunk: 4,
@@ -205,9 +205,8 @@ async fn close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused
     assert_eq!(up.connections(), 3);
 }
 
-#[tokio::test]
-async fn interim_responses_are_skipped() {
-    let gw = TestGateway::start(QUIET).await;
+async fn interim_responses_are_skipped(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|_| {
         answer("HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone")
     })
@@ -218,9 +217,8 @@ async fn interim_responses_are_skipped() {
     assert_eq!(reply.text(), "done");
 }
 
-#[tokio::test]
-async fn broken_framing_from_an_upstream_is_a_502() {
-    let gw = TestGateway::start(QUIET).await;
+async fn broken_framing_from_an_upstream_is_a_502(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     for bad in [
         "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
         "HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\nabc",
@@ -241,9 +239,8 @@ async fn broken_framing_from_an_upstream_is_a_502() {
     }
 }
 
-#[tokio::test]
-async fn a_response_cut_short_is_an_error_for_the_client() {
-    let gw = TestGateway::start(QUIET).await;
+async fn a_response_cut_short_is_an_error_for_the_client(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|_| Answer {
         close: true,
         ..answer("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
@@ -251,11 +248,11 @@ async fn a_response_cut_short_is_an_error_for_the_client() {
     .await;
     gw.register("svc", &up.url).await;
     let request = http::Request::get(gw.url("/call/svc/x"))
-        .body(Default::default())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
     // The client must never take the truncated body for a whole one: the
     // exchange breaks, before the head or inside the body.
-    let whole = match gw.client.request(request).await {
+    let whole = match gw.caller.response(request).await {
         Ok(response) => http_body_util::BodyExt::collect(response.into_body())
             .await
             .is_ok(),
@@ -264,9 +261,8 @@ async fn a_response_cut_short_is_an_error_for_the_client() {
     assert!(!whole);
 }
 
-#[tokio::test]
-async fn an_idle_connection_the_upstream_closed_is_not_used() {
-    let gw = TestGateway::start(QUIET).await;
+async fn an_idle_connection_the_upstream_closed_is_not_used(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     // Answers keep-alive, then closes the idle connection soon after.
     let up = Scripted::start(|_| Answer {
         close: true,
@@ -300,9 +296,8 @@ async fn an_idle_connection_the_upstream_closed_is_not_used() {
     assert_eq!(up.connections(), 10);
 }
 
-#[tokio::test]
-async fn an_early_answer_to_a_large_upload_is_passed_back() {
-    let gw = TestGateway::start(QUIET).await;
+async fn an_early_answer_to_a_large_upload_is_passed_back(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
     // Answers 413 after the head and closes without reading the body.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -332,4 +327,270 @@ async fn an_early_answer_to_a_large_upload_is_passed_back() {
         reply.text()
     );
     assert_eq!(reply.text(), "too big!");
+}
+
+// ----- framing the gateway must not pass on -----
+
+async fn a_content_length_with_a_sign_is_a_broken_response(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let up = Scripted::start(|_| Answer {
+        close: true,
+        ..answer("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello")
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    let reply = gw.request(Method::POST, "/call/svc/x", "", &[]).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(reply.error_code(), "upstream_error");
+}
+
+async fn a_chunk_size_with_a_sign_never_reaches_the_client_whole(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let up = Scripted::start(|_| Answer {
+        close: true,
+        ..answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n")
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    let request = http::Request::post(gw.url("/call/svc/x"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    // Either the gateway saw it before answering (502), or the client's
+    // exchange breaks inside the body: never a whole 200.
+    match gw.caller.response(request).await {
+        Err(_) => {}
+        Ok(response) if response.status() == StatusCode::BAD_GATEWAY => {
+            assert_eq!(
+                response
+                    .headers()
+                    .get("x-switchyard-error")
+                    .and_then(|v| v.to_str().ok()),
+                Some("upstream_error")
+            );
+        }
+        Ok(response) => {
+            let status = response.status();
+            let body = http_body_util::BodyExt::collect(response.into_body()).await;
+            assert!(
+                body.is_err(),
+                "a whole {status} passed on: {:?}",
+                body.map(|b| b.to_bytes())
+            );
+        }
+    }
+}
+
+// ----- bodiless answers -----
+
+async fn head_answers_carry_the_upstream_length_or_none(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let up = Scripted::start(|head| {
+        if head.contains("/nolength") {
+            answer("HTTP/1.1 200 OK\r\nX-Kind: nolength\r\n\r\n")
+        } else if head.contains("/chunked") {
+            answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n")
+        } else {
+            answer("HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nX-Kind: sized\r\n\r\n")
+        }
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    for (path, length) in [
+        ("/call/svc/nolength", None),
+        ("/call/svc/chunked", None),
+        ("/call/svc/sized", Some("1234")),
+    ] {
+        let reply = gw.request(Method::HEAD, path, "", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+        assert!(
+            reply.header("x-kind").is_some(),
+            "{path}: the upstream's head"
+        );
+        assert_eq!(
+            reply.header("content-length"),
+            length,
+            "{path}: {:?}",
+            reply.headers
+        );
+        assert!(reply.body.is_empty(), "{path}");
+    }
+}
+
+async fn a_204_reaches_the_client_without_content_length(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let up = Scripted::start(|head| {
+        if head.contains("/zero") {
+            answer("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+        } else if head.contains("/five") {
+            // A 204 has no body whatever its Content-Length says.
+            answer("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n")
+        } else {
+            answer("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        }
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    for path in ["/call/svc/zero", "/call/svc/five"] {
+        let reply = gw.get(path).await;
+        assert_eq!(reply.status, StatusCode::NO_CONTENT, "{path}");
+        assert_eq!(
+            reply.header("content-length"),
+            None,
+            "{path}: {:?}",
+            reply.headers
+        );
+        assert!(reply.body.is_empty());
+        // The upstream connection is still in step.
+        assert_eq!(gw.get("/call/svc/after").await.text(), "ok", "{path}");
+    }
+}
+
+// ----- stalls after the response head ([proxy] idle_timeout) -----
+
+const IDLE: &str = "[health_check]\ninterval = \"0s\"\n[proxy]\nidle_timeout = \"500ms\"\n";
+
+/// An upstream that answers every request's head with `head` and `sent`
+/// (a start of the body), then sends nothing more; reports on `closed`
+/// when the gateway closes that connection.
+async fn stalling(
+    head: &'static str,
+    sent: &'static [u8],
+) -> (String, mpsc::UnboundedReceiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, closed) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if read_head(&mut stream, &mut buf).await.is_none() {
+                    return;
+                }
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(sent).await;
+                let mut more = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut more).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = tx.send(());
+            });
+        }
+    });
+    (url, closed)
+}
+
+async fn a_response_body_that_stalls_is_cut_off_after_idle_timeout(way: Way) {
+    let gw = TestGateway::start_way(IDLE, way).await;
+    let (url, mut closed) = stalling(
+        "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+        b"123456789",
+    )
+    .await;
+    gw.register("svc", &url).await;
+    let started = Instant::now();
+    let request = http::Request::get(gw.url("/call/svc/x"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = gw.caller.response(request).await.expect("the head");
+    assert_eq!(response.status(), StatusCode::OK);
+    // HTTP/1: the connection closes short of the promised length; h2: the
+    // stream is reset. Either way the body ends in an error.
+    let body = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::collect(response.into_body()),
+    )
+    .await
+    .expect("the stalled body ends within 10 s");
+    assert!(body.is_err(), "a cut-off body passed for a whole one");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    tokio::time::timeout(Duration::from_secs(10), closed.recv())
+        .await
+        .expect("the upstream connection closed within 10 s");
+}
+
+async fn a_client_that_never_reads_cannot_hold_an_upstream_connection(way: Way) {
+    let gw = TestGateway::start_way(IDLE, way).await;
+    // 64 MB: more than every socket buffer between the two can hold, so the
+    // upstream is still writing when the client's stall begins.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, mut released) = mpsc::unbounded_channel::<&'static str>();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if read_head(&mut stream, &mut buf).await.is_none() {
+                    return;
+                }
+                const SIZE: usize = 64 << 20;
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n");
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    let _ = tx.send("write failed");
+                    return;
+                }
+                let piece = vec![b'x'; 64 * 1024];
+                for _ in 0..SIZE / piece.len() {
+                    if stream.write_all(&piece).await.is_err() {
+                        let _ = tx.send("write failed");
+                        return;
+                    }
+                }
+                // All written (it should not fit): wait for the close.
+                let mut more = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut more).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = tx.send("eof after the whole body");
+            });
+        }
+    });
+    gw.register("svc", &url).await;
+    // The request goes out; the response is never read.
+    let _held = if way.is_http1() {
+        let mut stream = gw.raw().await;
+        stream
+            .write_all(b"GET /call/svc/big HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .await
+            .unwrap();
+        Box::new(stream) as Box<dyn std::any::Any + Send>
+    } else {
+        let mut sender = common::h2_connection(gw.addr).await;
+        let request = http::Request::get("http://gw/call/svc/big")
+            .body(common::AnyBody::new(
+                http_body_util::Empty::new().map_err(|never| match never {}),
+            ))
+            .unwrap();
+        let response = sender.send_request(request).await.expect("the head");
+        assert_eq!(response.status(), StatusCode::OK);
+        Box::new((sender, response)) as Box<dyn std::any::Any + Send>
+    };
+    let how = tokio::time::timeout(Duration::from_secs(15), released.recv())
+        .await
+        .expect("the gateway let the upstream connection go within 15 s");
+    assert!(how.is_some());
+}
+
+each_way! {
+    chunked_responses_are_decoded_with_extensions_and_trailers,
+    a_response_with_both_framing_headers_is_read_by_chunks_and_its_connection_dropped,
+    bodiless_responses_keep_the_connection,
+    close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused,
+    interim_responses_are_skipped,
+    broken_framing_from_an_upstream_is_a_502,
+    a_response_cut_short_is_an_error_for_the_client,
+    an_idle_connection_the_upstream_closed_is_not_used,
+    an_early_answer_to_a_large_upload_is_passed_back,
+    a_content_length_with_a_sign_is_a_broken_response,
+    a_chunk_size_with_a_sign_never_reaches_the_client_whole,
+    head_answers_carry_the_upstream_length_or_none,
+    a_204_reaches_the_client_without_content_length,
+    a_response_body_that_stalls_is_cut_off_after_idle_timeout,
+    a_client_that_never_reads_cannot_hold_an_upstream_connection,
 }

@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 
 use switchyard::{Config, Gateway, server};
 
@@ -67,11 +69,341 @@ pub fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Any request body, boxed, so one client type carries them all.
+pub type AnyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// How a test's requests reach the gateway. A request can take different
+/// paths through the gateway's HTTP handling depending on what came before
+/// it on its connection and on the protocol, so the end-to-end scenarios
+/// run each way: [`each_way!`] makes one test per way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Way {
+    /// HTTP/1.1, every request on a connection of its own.
+    Fresh,
+    /// HTTP/1.1, every request on a connection of its own that has first
+    /// carried a registry call (`GET /services`, answered 200).
+    Warm,
+    /// HTTP/2 over cleartext with prior knowledge.
+    H2c,
+}
+
+impl Way {
+    pub fn is_http1(self) -> bool {
+        self != Way::H2c
+    }
+}
+
+/// The registry call that warms a raw HTTP/1.1 connection.
+pub const WARM_UP: &[u8] = b"GET /services HTTP/1.1\r\nHost: gw\r\n\r\n";
+
+/// Sends requests to the gateway one [`Way`], or, with none, as the tests
+/// always did (HTTP/1.1 on pooled keep-alive connections). Cheap to clone.
+#[derive(Clone)]
+pub struct Caller {
+    addr: SocketAddr,
+    way: Option<Way>,
+    client: Client<HttpConnector, AnyBody>,
+}
+
+impl Caller {
+    pub fn new(addr: SocketAddr, way: Option<Way>) -> Self {
+        let mut builder = Client::builder(TokioExecutor::new());
+        match way {
+            Some(Way::Fresh) => {
+                builder.pool_max_idle_per_host(0);
+            }
+            Some(Way::H2c) => {
+                builder.http2_only(true);
+            }
+            // Warm requests go on connections of their own (see `warm`).
+            Some(Way::Warm) | None => {}
+        }
+        Self {
+            addr,
+            way,
+            client: builder.build_http(),
+        }
+    }
+
+    pub fn way(&self) -> Option<Way> {
+        self.way
+    }
+
+    /// Sends `request` and returns the response as it comes, its body
+    /// still streaming; `Err` if the exchange broke before the head.
+    pub async fn response<B>(&self, request: Request<B>) -> Result<Response<Incoming>, BoxError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let request = request.map(|body| UnsyncBoxBody::new(body.map_err(Into::into)));
+        match self.way {
+            Some(Way::Warm) => warm(self.addr, request).await,
+            _ => Ok(self.client.request(request).await?),
+        }
+    }
+
+    /// Sends `request` and reads the whole response.
+    pub async fn send<B>(&self, request: Request<B>) -> Reply
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let way = self.way;
+        let response = self
+            .response(request)
+            .await
+            .unwrap_or_else(|e| panic!("request reaches the server ({way:?}): {e:?}"));
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("a whole body ({way:?}): {e:?}"))
+            .to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+}
+
+/// One request on a new HTTP/1.1 connection that first carries a registry
+/// call. The connection is the request's own: it closes once the response
+/// has been read (or dropped).
+async fn warm(addr: SocketAddr, request: Request<AnyBody>) -> Result<Response<Incoming>, BoxError> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, AnyBody>(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let warm_up = Request::get("/services")
+        .header(http::header::HOST, "gw")
+        .body(UnsyncBoxBody::new(
+            Full::new(Bytes::new()).map_err(|never| match never {}),
+        ))
+        .expect("a valid request");
+    let answer = sender.send_request(warm_up).await?;
+    assert_eq!(
+        answer.status(),
+        StatusCode::OK,
+        "the registry call that warms the connection"
+    );
+    answer.into_body().collect().await?;
+    sender.ready().await?;
+    // What the legacy client does for HTTP/1: origin-form target, and the
+    // authority in Host unless the request brings its own.
+    let (mut parts, body) = request.into_parts();
+    if let Some(authority) = parts.uri.authority().cloned() {
+        if !parts.headers.contains_key(http::header::HOST) {
+            parts.headers.insert(
+                http::header::HOST,
+                authority
+                    .as_str()
+                    .parse()
+                    .expect("an authority is a valid Host"),
+            );
+        }
+    }
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()
+        .expect("a path is a valid target");
+    Ok(sender
+        .send_request(Request::from_parts(parts, body))
+        .await?)
+}
+
+/// A raw connection to the gateway for bytes written by hand: new for
+/// `Fresh`; for `Warm`, one that has carried a registry call, answered 200
+/// and read whole, before the bytes under test. HTTP/1 only.
+pub async fn raw_connection(addr: SocketAddr, way: Way) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    match way {
+        Way::Fresh => {}
+        Way::Warm => {
+            stream.write_all(WARM_UP).await.unwrap();
+            let status = read_one_response(&mut stream).await;
+            assert_eq!(status, 200, "the registry call that warms the connection");
+        }
+        Way::H2c => panic!("a raw HTTP/1 connection cannot go the h2c way"),
+    }
+    stream
+}
+
+/// Reads one whole response (Content-Length or chunked body) and not a
+/// byte more; returns its status.
+async fn read_one_response(stream: &mut TcpStream) -> u16 {
+    let mut buf = Vec::new();
+    let (status, head_len, length, chunked) = loop {
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut fields);
+        if let httparse::Status::Complete(len) = parsed.parse(&buf).expect("a valid response head")
+        {
+            let find = |name: &str| {
+                parsed
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| String::from_utf8_lossy(h.value).into_owned())
+            };
+            let length = find("content-length").map(|v| v.parse::<usize>().unwrap());
+            let chunked = find("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+            break (parsed.code.unwrap(), len, length, chunked);
+        }
+        read_more(stream, &mut buf).await;
+    };
+    if chunked {
+        // Ends with the last chunk and an empty trailer section.
+        while !buf[head_len..].ends_with(b"0\r\n\r\n") {
+            read_more(stream, &mut buf).await;
+        }
+    } else {
+        let length = length.expect("a framed response");
+        while buf.len() < head_len + length {
+            read_more(stream, &mut buf).await;
+        }
+        assert_eq!(buf.len(), head_len + length, "nothing after the response");
+    }
+    status
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 16384];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+        .await
+        .expect("an answer within 10 s")
+        .expect("a readable connection");
+    assert!(n > 0, "the connection closed mid-response");
+    buf.extend_from_slice(&chunk[..n]);
+}
+
+/// An HTTP/2 (prior knowledge) connection of its own to the gateway, for
+/// tests that need control of the stream: bodies that stall or abort,
+/// responses never read.
+pub async fn h2_connection(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<AnyBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake::<_, _, AnyBody>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .expect("an HTTP/2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender
+}
+
+/// A request body the test feeds by hand through a [`BodyFeed`]: it ends
+/// when the feed is finished, and fails (so the client aborts the upload:
+/// HTTP/2 resets the stream, HTTP/1 drops the connection) when the feed is
+/// dropped unfinished.
+pub struct Piped {
+    rx: mpsc::UnboundedReceiver<Option<Bytes>>,
+    done: bool,
+}
+
+pub struct BodyFeed {
+    tx: mpsc::UnboundedSender<Option<Bytes>>,
+}
+
+pub fn piped() -> (BodyFeed, Piped) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (BodyFeed { tx }, Piped { rx, done: false })
+}
+
+impl BodyFeed {
+    pub fn send(&self, bytes: impl Into<Bytes>) {
+        let _ = self.tx.send(Some(bytes.into()));
+    }
+
+    pub fn finish(self) {
+        let _ = self.tx.send(None);
+    }
+}
+
+impl http_body::Body for Piped {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Some(bytes))) => Poll::Ready(Some(Ok(http_body::Frame::data(bytes)))),
+            Poll::Ready(Some(None)) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(Some(Err("the upload was aborted".into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// Turns each `async fn name(way: Way)` named into three tests, one per
+/// [`Way`], in modules `fresh`, `warm` and `h2c`, so a failure names its
+/// way. Names after `http1:` get the two HTTP/1.1 ways only (each says
+/// why HTTP/2 does not apply). Use once per test file.
+#[allow(unused_macros)]
+macro_rules! each_way {
+    ($($name:ident),* $(,)? $(; http1: $($h1:ident),* $(,)?)?) => {
+        mod fresh {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::common::Way::Fresh).await
+            })*
+            $($(#[tokio::test]
+            async fn $h1() {
+                super::$h1(super::common::Way::Fresh).await
+            })*)?
+        }
+        mod warm {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::common::Way::Warm).await
+            })*
+            $($(#[tokio::test]
+            async fn $h1() {
+                super::$h1(super::common::Way::Warm).await
+            })*)?
+        }
+        mod h2c {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::common::Way::H2c).await
+            })*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use each_way;
+
 /// The real gateway, serving on an ephemeral port until dropped or stopped.
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub gateway: Arc<Gateway>,
+    /// A plain pooled HTTP/1.1 client, whatever the way.
     pub client: TestClient,
+    /// What `send`, `request`, `get` and the rest go through.
+    pub caller: Caller,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -79,15 +411,25 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts the gateway with `toml` (validated as the binary would).
     pub async fn start(toml: &str) -> Self {
-        Self::start_with(toml, None).await
+        Self::start_with(toml, None, None).await
     }
 
     /// Starts the gateway with its random picks seeded, so they repeat.
     pub async fn start_seeded(toml: &str, seed: u64) -> Self {
-        Self::start_with(toml, Some(seed)).await
+        Self::start_with(toml, Some(seed), None).await
     }
 
-    async fn start_with(toml: &str, seed: Option<u64>) -> Self {
+    /// Starts the gateway with every request of the helpers going `way`.
+    pub async fn start_way(toml: &str, way: Way) -> Self {
+        Self::start_with(toml, None, Some(way)).await
+    }
+
+    /// Both of the above.
+    pub async fn start_seeded_way(toml: &str, seed: u64, way: Way) -> Self {
+        Self::start_with(toml, Some(seed), Some(way)).await
+    }
+
+    async fn start_with(toml: &str, seed: Option<u64>, way: Option<Way>) -> Self {
         let mut config = Config::from_toml(toml).expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -107,6 +449,7 @@ impl TestGateway {
             addr,
             gateway,
             client: client(),
+            caller: Caller::new(addr, way),
             stop: Some(stop),
             task: Some(task),
         }
@@ -116,8 +459,23 @@ impl TestGateway {
         format!("http://{}{}", self.addr, path)
     }
 
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Reply {
-        send(&self.client, request).await
+    /// The way requests go (`None`: started without one).
+    pub fn way(&self) -> Option<Way> {
+        self.caller.way()
+    }
+
+    pub async fn send<B>(&self, request: Request<B>) -> Reply
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.caller.send(request).await
+    }
+
+    /// A raw HTTP/1 connection that went this gateway's way (see
+    /// [`raw_connection`]).
+    pub async fn raw(&self) -> TcpStream {
+        raw_connection(self.addr, self.way().unwrap_or(Way::Fresh)).await
     }
 
     pub async fn request(
@@ -370,6 +728,8 @@ pub struct Echo {
     pub hits: Arc<std::sync::atomic::AtomicUsize>,
     /// Requests whose body arrived complete.
     pub complete: Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests whose body broke off (the connection closed or reset).
+    pub broken: Arc<std::sync::atomic::AtomicUsize>,
     pub name: String,
 }
 
@@ -379,14 +739,16 @@ impl Echo {
         let status = Arc::new(AtomicU16::new(200));
         let hits = Arc::new(AtomicUsize::new(0));
         let complete = Arc::new(AtomicUsize::new(0));
-        let (s, h, c, n) = (
+        let broken = Arc::new(AtomicUsize::new(0));
+        let (s, h, c, b, n) = (
             status.clone(),
             hits.clone(),
             complete.clone(),
+            broken.clone(),
             name.to_string(),
         );
         let upstream = Upstream::start(move |request: Request<Incoming>| {
-            let (s, h, c, n) = (s.clone(), h.clone(), c.clone(), n.clone());
+            let (s, h, c, b, n) = (s.clone(), h.clone(), c.clone(), b.clone(), n.clone());
             async move {
                 h.fetch_add(1, Ordering::SeqCst);
                 let (parts, body) = request.into_parts();
@@ -395,7 +757,10 @@ impl Echo {
                         c.fetch_add(1, Ordering::SeqCst);
                         body.to_bytes()
                     }
-                    Err(_) => Bytes::new(),
+                    Err(_) => {
+                        b.fetch_add(1, Ordering::SeqCst);
+                        Bytes::new()
+                    }
                 };
                 let mut headers = serde_json::Map::new();
                 for name in parts.headers.keys() {
@@ -429,6 +794,7 @@ impl Echo {
             status,
             hits,
             complete,
+            broken,
             name: name.to_string(),
         }
     }
@@ -439,6 +805,10 @@ impl Echo {
 
     pub fn hits(&self) -> usize {
         self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn broken(&self) -> usize {
+        self.broken.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn set_status(&self, status: u16) {
@@ -457,7 +827,6 @@ pub struct Hang {
 
 impl Hang {
     pub async fn start() -> Self {
-        use tokio::io::AsyncReadExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -502,4 +871,137 @@ pub async fn dead_url() -> String {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     format!("http://{addr}")
+}
+
+/// Reads `stream` until the server closes it or `wait` passes. Returns what
+/// was read and whether the server closed the connection.
+pub async fn read_until_close(stream: &mut TcpStream, wait: Duration) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+/// One response read off raw bytes.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
+    }
+
+    /// The gateway's error code, asserting the SPEC §4 shape on the way.
+    pub fn error_code(&self) -> String {
+        let json = self.json();
+        let code = json["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error.code in {json}"))
+            .to_string();
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{json}"
+        );
+        assert_eq!(self.header("x-switchyard-error"), Some(code.as_str()));
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        code
+    }
+}
+
+/// The whole responses `bytes` holds, in order, interim (1xx) ones
+/// included; bodies framed by Content-Length or chunked (none for 1xx, 204
+/// and 304). A response cut off at the end is left out.
+pub fn responses(bytes: &[u8]) -> Vec<RawResponse> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let Ok(httparse::Status::Complete(head_len)) = parsed.parse(rest) else {
+            return out;
+        };
+        let status = parsed.code.expect("a parsed status");
+        let headers: Vec<(String, String)> = parsed
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        rest = &rest[head_len..];
+        let mut body = Vec::new();
+        if (100..200).contains(&status) || status == 204 || status == 304 {
+        } else if find("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
+            loop {
+                let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    return out;
+                };
+                let line = String::from_utf8_lossy(&rest[..line_end]).into_owned();
+                let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                    .unwrap_or_else(|_| panic!("a chunk size: {line:?}"));
+                if size == 0 {
+                    // Trailers up to an empty line.
+                    let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        return out;
+                    };
+                    rest = &rest[end + 4..];
+                    break;
+                }
+                if rest.len() < line_end + 2 + size + 2 {
+                    return out;
+                }
+                body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+                rest = &rest[line_end + 2 + size + 2..];
+            }
+        } else if let Some(length) = find("content-length") {
+            let length: usize = length.parse().expect("a numeric Content-Length");
+            if rest.len() < length {
+                return out;
+            }
+            body = rest[..length].to_vec();
+            rest = &rest[length..];
+        } else {
+            // Delimited by the close: the rest is its body.
+            body = rest.to_vec();
+            rest = &[];
+        }
+        out.push(RawResponse {
+            status,
+            headers,
+            body,
+        });
+    }
 }
