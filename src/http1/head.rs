@@ -294,6 +294,9 @@ pub fn parse_response(
             _ => Version::HTTP_11,
         };
         let base = buf.as_ptr() as usize;
+        // 1xx and 204 never carry a length (RFC 9110 §8.6): one that does
+        // is not passed on.
+        let lengthless = status == StatusCode::NO_CONTENT;
         let mut connection = ConnectionOptions::default();
         let mut length = None;
         let mut codings: Option<Codings> = None;
@@ -305,7 +308,7 @@ pub fn parse_response(
                 // Kept once: the client gets the length the body is read by.
                 let first = length.is_none();
                 add_length(&mut length, field.value)?;
-                if !first {
+                if !first || lengthless {
                     continue;
                 }
             } else if name == header::TRANSFER_ENCODING {
@@ -530,6 +533,14 @@ mod tests {
             (Length(5), true)
         );
         assert_eq!(ok("HTTP/1.1 204 No Content\r\n\r\n"), (Length(0), true));
+        let no_content = response(
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(
+            no_content.unwrap().headers.is_empty(),
+            "a 204's length is not passed on"
+        );
         assert_eq!(
             ok("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
             (Length(0), true)

@@ -73,7 +73,10 @@ fn watch(body: Body, idle: Duration) -> Body {
     }
     let epoch = Instant::now();
     let watched = Watched {
-        body: Arc::new(Mutex::new(Some(body))),
+        body: Arc::new(Mutex::new(Held {
+            body: Some(body),
+            waker: None,
+        })),
         progress: Arc::new(AtomicU64::new(0)),
         epoch,
     };
@@ -83,9 +86,10 @@ fn watch(body: Body, idle: Duration) -> Body {
 }
 
 /// Drops the body behind `weak` once `progress` (milliseconds since
-/// `epoch`) has not moved for `idle`; ends when the body is gone.
+/// `epoch`) has not moved for `idle`, and wakes whoever waits on it;
+/// ends when the body is gone.
 async fn watchdog(
-    weak: Weak<Mutex<Option<Body>>>,
+    weak: Weak<Mutex<Held>>,
     progress: Arc<AtomicU64>,
     epoch: Instant,
     idle: Duration,
@@ -93,21 +97,31 @@ async fn watchdog(
     loop {
         let last = epoch + Duration::from_millis(progress.load(Ordering::Relaxed));
         tokio::time::sleep_until(last + idle).await;
-        let Some(body) = weak.upgrade() else {
+        let Some(held) = weak.upgrade() else {
             return;
         };
-        let now = epoch + Duration::from_millis(progress.load(Ordering::Relaxed));
-        if now + idle <= Instant::now() {
+        let last = epoch + Duration::from_millis(progress.load(Ordering::Relaxed));
+        if last + idle <= Instant::now() {
             tracing::debug!("response body made no progress for idle_timeout: dropped");
-            body.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
+            held.body = None;
+            if let Some(waker) = held.waker.take() {
+                waker.wake();
+            }
             return;
         }
     }
 }
 
+/// The body a watchdog may take away, and the waker of its reader.
+struct Held {
+    body: Option<Body>,
+    waker: Option<std::task::Waker>,
+}
+
 /// A response body whose progress a watchdog follows.
 struct Watched {
-    body: Arc<Mutex<Option<Body>>>,
+    body: Arc<Mutex<Held>>,
     /// When the body last gave a frame, in milliseconds since `epoch`.
     progress: Arc<AtomicU64>,
     epoch: Instant,
@@ -121,8 +135,8 @@ impl http_body::Body for Watched {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut body = self.body.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(inner) = body.as_mut() else {
+        let mut held = self.body.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(inner) = held.body.as_mut() else {
             return Poll::Ready(Some(Err(
                 "the response body made no progress for idle_timeout".into(),
             )));
@@ -131,6 +145,8 @@ impl http_body::Body for Watched {
         if polled.is_ready() {
             let now = self.epoch.elapsed().as_millis() as u64;
             self.progress.store(now, Ordering::Relaxed);
+        } else if !held.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            held.waker = Some(cx.waker().clone());
         }
         polled
     }
@@ -139,6 +155,7 @@ impl http_body::Body for Watched {
         self.body
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .body
             .as_ref()
             .is_some_and(http_body::Body::is_end_stream)
     }
@@ -147,6 +164,7 @@ impl http_body::Body for Watched {
         self.body
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .body
             .as_ref()
             .map(http_body::Body::size_hint)
             .unwrap_or_default()
