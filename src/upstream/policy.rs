@@ -3,8 +3,7 @@
 //!
 //! An address is allowed when it is not the gateway's own listening address,
 //! no `deny` network contains it, and `allow` is empty or contains it. Deny
-//! wins over allow. IPv4-mapped IPv6 addresses (`::ffff:169.254.169.254`)
-//! are judged as the IPv4 address they carry.
+//! wins over allow.
 //!
 //! Registration checks hosts written as IP literals, in every spelling the
 //! system resolver accepts (`2852039166`, `0xA9FEA9FE`, `0251.0376.0251.0376`
@@ -12,8 +11,30 @@
 //! resolution, at connect time, in the one place every connection is made
 //! (proxied calls and health checks alike), against the exact address then
 //! connected to, so DNS rebinding cannot slip past.
+//!
+//! # IPv4 embedded in IPv6
+//!
+//! An IPv6 address that carries an IPv4 address reaches, or can be made to
+//! reach (a dual-stack socket, a tunnel, a NAT64 gateway), that IPv4
+//! address, so it is judged by the IPv4 rules as well as the IPv6 ones. The
+//! forms recognised are IPv4-mapped (`::ffff:0:0/96`), IPv4-compatible
+//! (`::/96`, except `::` and `::1`, which keep their IPv6 meaning:
+//! unspecified and loopback) and NAT64's well-known prefix (`64:ff9b::/96`).
+//! Other translation prefixes (`64:ff9b:1::/48`, a network-specific NAT64
+//! prefix, 6to4's `2002::/16`) are not: where they route, deny them.
+//!
+//! - Own address and `deny`: refused if either form is. `[::169.254.169.254]`
+//!   and `[64:ff9b::a9fe:a9fe]` are 169.254.169.254 and denied by default;
+//!   `deny = ["64:ff9b::/96"]` still shuts NAT64 out whatever it carries.
+//! - `allow`: the IPv4 form alone decides. An allow-list names the
+//!   destinations the gateway may reach, and the destination is the IPv4
+//!   address: `allow = ["10.0.0.0/8"]` admits `[64:ff9b::a00:1]` as it
+//!   admits `10.0.0.1` and `[::ffff:10.0.0.1]`. An IPv6 network in `allow`
+//!   never admits an embedded address by itself, so `allow = ["::/0"]` (or
+//!   `["64:ff9b::/96"]`) is no back door to IPv4 addresses the list leaves
+//!   out; to reach 8.8.8.8 through NAT64, allow 8.8.8.8.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -23,6 +44,7 @@ use crate::config::UpstreamsConfig;
 pub struct UpstreamPolicy {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
+    /// The listen address, IPv4-mapped IPv6 written as IPv4.
     own: SocketAddr,
 }
 
@@ -50,20 +72,30 @@ impl UpstreamPolicy {
         Self {
             allow: config.allow.clone(),
             deny: config.deny.clone(),
-            own,
+            own: SocketAddr::new(own.ip().to_canonical(), own.port()),
         }
     }
 
     /// Whether the gateway may connect to `addr`.
     pub fn check(&self, addr: SocketAddr) -> Result<(), Refusal> {
-        let ip = addr.ip().to_canonical();
-        if self.is_own(ip, addr.port()) {
+        let written = addr.ip();
+        let embedded = match written {
+            IpAddr::V6(v6) => embedded_ipv4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        let forms = || std::iter::once(written).chain(embedded);
+        if self.is_own(addr.port(), forms()) {
             return Err(Refusal::OwnAddress);
         }
-        if let Some(net) = self.deny.iter().find(|net| net.contains(&ip)) {
+        if let Some(net) = self
+            .deny
+            .iter()
+            .find(|net| forms().any(|ip| net.contains(&ip)))
+        {
             return Err(Refusal::Denied(*net));
         }
-        if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)) {
+        let destination = embedded.unwrap_or(written);
+        if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&destination)) {
             return Err(Refusal::NotAllowed);
         }
         Ok(())
@@ -79,15 +111,34 @@ impl UpstreamPolicy {
         }
     }
 
-    fn is_own(&self, ip: IpAddr, port: u16) -> bool {
+    /// Whether any of `forms` (one address as written and as the IPv4
+    /// address it embeds) with `port` is the gateway's own.
+    fn is_own(&self, port: u16, mut forms: impl Iterator<Item = IpAddr>) -> bool {
         if port != self.own.port() {
             return false;
         }
-        let own = self.own.ip().to_canonical();
+        let own = self.own.ip();
         // Listening on every address: loopback and the unspecified address
         // reach this gateway too (other local addresses are caught by the
         // Via loop check).
-        ip == own || (own.is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
+        forms.any(|ip| {
+            ip == own || (own.is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
+        })
+    }
+}
+
+/// The IPv4 address an IPv6 address carries, if it is IPv4-mapped
+/// (`::ffff:0:0/96`), IPv4-compatible (`::/96`, but not `::` and `::1`,
+/// which are the IPv6 unspecified and loopback addresses) or NAT64
+/// (`64:ff9b::/96`).
+pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let [.., a, b, c, d] = ip.octets();
+    let carried = Some(Ipv4Addr::new(a, b, c, d));
+    match ip.segments() {
+        [0, 0, 0, 0, 0, 0xffff, _, _] => carried,
+        [0, 0, 0, 0, 0, 0, _, _] if !ip.is_unspecified() && !ip.is_loopback() => carried,
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => carried,
+        _ => None,
     }
 }
 
@@ -254,6 +305,133 @@ mod tests {
             p.check("10.9.1.1:80".parse().unwrap()),
             Err(Refusal::Denied(_))
         ));
+    }
+
+    #[test]
+    fn embedded_ipv4_forms() {
+        let metadata: Ipv4Addr = "169.254.169.254".parse().unwrap();
+        for embedding in [
+            "::ffff:169.254.169.254",
+            "::ffff:a9fe:a9fe",
+            "::169.254.169.254",
+            "::a9fe:a9fe",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::169.254.169.254",
+        ] {
+            let v6: Ipv6Addr = embedding.parse().unwrap();
+            assert_eq!(embedded_ipv4(v6), Some(metadata), "{embedding}");
+        }
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!(embedded_ipv4(v6("::2")), Some(Ipv4Addr::new(0, 0, 0, 2)));
+        assert_eq!(embedded_ipv4(v6("::ffff:0:0")), Some(Ipv4Addr::UNSPECIFIED));
+        for not_embedding in [
+            "::",
+            "::1",
+            "64:ff9b:1::a9fe:a9fe",
+            "64:ff9b::1:a9fe:a9fe",
+            "::1:a9fe:a9fe",
+            "::fffe:a9fe:a9fe",
+            "2001:db8::a9fe:a9fe",
+            "fe80::1",
+        ] {
+            assert_eq!(embedded_ipv4(v6(not_embedding)), None, "{not_embedding}");
+        }
+    }
+
+    #[test]
+    fn embedded_ipv4_is_judged_by_the_ipv4_rules() {
+        let p = default_policy();
+        let metadata: IpNet = "169.254.0.0/16".parse().unwrap();
+        for denied in [
+            "[::169.254.169.254]:80",
+            "[::a9fe:a9fe]:80",
+            "[64:ff9b::a9fe:a9fe]:80",
+            "[::ffff:a9fe:a9fe]:80",
+        ] {
+            assert_eq!(
+                p.check(denied.parse().unwrap()),
+                Err(Refusal::Denied(metadata)),
+                "{denied}"
+            );
+        }
+        for denied in ["[::0.0.0.2]:80", "[64:ff9b::e000:1]:80"] {
+            assert!(p.check(denied.parse().unwrap()).is_err(), "{denied}");
+        }
+        // ::1 and :: keep their IPv6 meaning.
+        assert_eq!(p.check("[::1]:9000".parse().unwrap()), Ok(()));
+        assert_eq!(
+            p.check("[::]:80".parse().unwrap()),
+            Err(Refusal::Denied("::/128".parse().unwrap()))
+        );
+        for allowed in ["[64:ff9b::808:808]:53", "[::127.0.0.1]:9000"] {
+            assert_eq!(p.check(allowed.parse().unwrap()), Ok(()), "{allowed}");
+        }
+        for spelling in ["[::169.254.169.254]", "[64:ff9b::a9fe:a9fe]"] {
+            assert!(p.check_host(spelling, 80).is_err(), "{spelling}");
+        }
+    }
+
+    #[test]
+    fn embedded_ipv4_deny_from_either_form_and_allow_from_the_ipv4_one() {
+        // allow names destinations: the IPv4 address decides.
+        let p = policy(&["10.0.0.0/8"], &[], "127.0.0.1:8080");
+        for allowed in [
+            "10.0.0.1:80",
+            "[::ffff:10.0.0.1]:80",
+            "[::a00:1]:80",
+            "[64:ff9b::a00:1]:80",
+        ] {
+            assert_eq!(p.check(allowed.parse().unwrap()), Ok(()), "{allowed}");
+        }
+        assert_eq!(
+            p.check("[64:ff9b::c0a8:101]:80".parse().unwrap()),
+            Err(Refusal::NotAllowed)
+        );
+        // An IPv6 network in allow admits no embedded IPv4 by itself.
+        let p = policy(&["::/0"], &[], "127.0.0.1:8080");
+        assert_eq!(p.check("[2001:db8::1]:80".parse().unwrap()), Ok(()));
+        for outside in [
+            "192.168.1.1:80",
+            "[::ffff:192.168.1.1]:80",
+            "[::c0a8:101]:80",
+            "[64:ff9b::c0a8:101]:80",
+        ] {
+            assert_eq!(
+                p.check(outside.parse().unwrap()),
+                Err(Refusal::NotAllowed),
+                "{outside}"
+            );
+        }
+        // deny: either form refuses, whatever allow says.
+        let nat64: IpNet = "64:ff9b::/96".parse().unwrap();
+        let p = policy(&["10.0.0.0/8"], &["64:ff9b::/96"], "127.0.0.1:8080");
+        assert_eq!(
+            p.check("[64:ff9b::a00:1]:80".parse().unwrap()),
+            Err(Refusal::Denied(nat64))
+        );
+        assert_eq!(p.check("[::ffff:10.0.0.1]:80".parse().unwrap()), Ok(()));
+        let p = policy(
+            &["64:ff9b::/96", "10.0.0.0/8"],
+            &["10.9.0.0/16"],
+            "127.0.0.1:8080",
+        );
+        assert!(matches!(
+            p.check("[64:ff9b::a09:101]:80".parse().unwrap()),
+            Err(Refusal::Denied(_))
+        ));
+        // The listen address, embedded, is own.
+        let p = policy(&[], &[], "127.0.0.1:8080");
+        for own in [
+            "[::ffff:127.0.0.1]:8080",
+            "[::127.0.0.1]:8080",
+            "[64:ff9b::7f00:1]:8080",
+        ] {
+            assert_eq!(
+                p.check(own.parse().unwrap()),
+                Err(Refusal::OwnAddress),
+                "{own}"
+            );
+        }
     }
 
     #[test]
