@@ -1,11 +1,13 @@
-//! The gateway's own address (SPEC §6) end to end, on a gateway listening
-//! on a wildcard address: IPv4 addresses embedded in IPv6 are judged as the
-//! IPv4 address they carry.
+//! The gateway's own address (SPEC §6) end to end: listening on a wildcard
+//! address, every address of the machine with the listen port is the
+//! gateway's own and is refused, and IPv4 addresses embedded in IPv6 are
+//! judged as the IPv4 address they carry.
 
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::Reply;
 use http::{Method, Request, StatusCode};
@@ -14,6 +16,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use switchyard::upstream::connect::{ConnectError, connect};
+use switchyard::upstream::policy::{Refusal, UpstreamPolicy};
 use switchyard::{Config, Gateway, server};
 
 /// The real gateway listening on a wildcard address (`0.0.0.0:0` or
@@ -106,6 +110,108 @@ impl Drop for WildcardGateway {
         self.gateway.stop_background();
         self.task.abort();
     }
+}
+
+/// A non-loopback, non-link-local address of this machine in the family
+/// `v4` says, if it has one.
+fn machine_address(v4: bool) -> Option<IpAddr> {
+    if_addrs::get_if_addrs()
+        .expect("the machine's addresses")
+        .into_iter()
+        .map(|interface| interface.ip())
+        .find(|ip| {
+            ip.is_ipv4() == v4
+                && !ip.is_loopback()
+                && !ip.is_unspecified()
+                && match ip {
+                    IpAddr::V4(v4) => !v4.is_link_local(),
+                    IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+                }
+        })
+}
+
+/// The policy the gateway builds for `listen`, as the connect path uses it.
+fn policy_for(listen: SocketAddr) -> UpstreamPolicy {
+    UpstreamPolicy::new(&Config::default().upstreams, listen)
+}
+
+#[tokio::test]
+async fn listening_on_0_0_0_0_the_machines_own_addresses_are_refused() {
+    let Some(machine) = machine_address(true) else {
+        eprintln!("note: this machine has no non-loopback IPv4 address; nothing to check");
+        return;
+    };
+    let gw = WildcardGateway::start("0.0.0.0:0").await.unwrap();
+    let port = gw.port();
+    let own = SocketAddr::new(machine, port);
+
+    // At registration: the machine's address with the listen port would
+    // reach the gateway's own registry API.
+    gw.assert_forbidden(&format!("http://{own}/services")).await;
+    gw.assert_forbidden(&format!("http://{own}")).await;
+    gw.assert_forbidden(&format!("http://127.0.0.1:{port}"))
+        .await;
+    gw.assert_forbidden(&format!("http://[::ffff:{machine}]:{port}"))
+        .await;
+    // On another port the same address is someone else's.
+    let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_port = other.local_addr().unwrap().port();
+    assert_ne!(other_port, port);
+    let reply = gw.register(&format!("http://{machine}:{other_port}")).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+
+    // At connect time (what a hostname resolving to the address meets):
+    // nothing is connected to.
+    match connect(
+        &machine.to_string(),
+        port,
+        Duration::from_secs(5),
+        &policy_for(gw.listen),
+    )
+    .await
+    {
+        Err(ConnectError::Forbidden { addr, why }) => {
+            assert_eq!(addr, own);
+            assert_eq!(why, Refusal::OwnAddress);
+        }
+        other => panic!("connect to {own} was not refused: {other:?}"),
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn listening_on_ipv6_wildcard_the_machines_own_addresses_are_refused() {
+    let Some(machine) = machine_address(false) else {
+        eprintln!("note: this machine has no global IPv6 address; nothing to check");
+        return;
+    };
+    let gw = match WildcardGateway::start("[::]:0").await {
+        Ok(gw) => gw,
+        Err(e) => {
+            eprintln!("note: cannot listen on [::]:0 ({e}); nothing to check");
+            return;
+        }
+    };
+    let port = gw.port();
+    let own = SocketAddr::new(machine, port);
+    gw.assert_forbidden(&format!("http://{own}/services")).await;
+    gw.assert_forbidden(&format!("http://[::1]:{port}")).await;
+    if let Some(v4) = machine_address(true) {
+        // `::` takes IPv4 connections as well (unless IPV6_V6ONLY).
+        gw.assert_forbidden(&format!("http://{v4}:{port}")).await;
+    }
+    match connect(
+        &format!("[{machine}]"),
+        port,
+        Duration::from_secs(5),
+        &policy_for(gw.listen),
+    )
+    .await
+    {
+        Err(ConnectError::Forbidden { why, .. }) => assert_eq!(why, Refusal::OwnAddress),
+        other => panic!("connect to {own} was not refused: {other:?}"),
+    }
+    gw.shutdown().await;
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Which addresses the gateway may connect to: the defence against
 //! server-side request forgery (SPEC §6).
 //!
-//! An address is allowed when it is not the gateway's own listening address,
+//! An address is allowed when it is not one of the gateway's own addresses,
 //! no `deny` network contains it, and `allow` is empty or contains it. Deny
 //! wins over allow.
 //!
@@ -11,6 +11,30 @@
 //! resolution, at connect time, in the one place every connection is made
 //! (proxied calls and health checks alike), against the exact address then
 //! connected to, so DNS rebinding cannot slip past.
+//!
+//! # The gateway's own addresses
+//!
+//! An instance at the gateway's own address would have `/call/...` reach
+//! the gateway itself: its registry API, or a loop. Own means the listen
+//! port together with the listen address or, when that is a wildcard
+//! (`0.0.0.0`, `::`), any address that reaches this listener: loopback, the
+//! unspecified address, and every address of the machine (eth0's, a VPN's,
+//! ...). That is deliberately blind to the family: `::` takes IPv4
+//! connections too unless `IPV6_V6ONLY` is set, and refusing a `0.0.0.0`
+//! gateway's IPv6 address on its own port costs nothing real.
+//!
+//! The machine's addresses come from the OS (getifaddrs) and change while
+//! the gateway runs (DHCP, interfaces coming up, VPNs), so they are neither
+//! read once at start nor on every check (every new upstream connection is
+//! checked, and getifaddrs is a netlink round trip): a list read at most
+//! [`MACHINE_ADDRESSES_MAX_AGE`] ago is kept behind a read-write lock. A
+//! check takes the read lock and compares; the first check after the list
+//! has aged takes the write lock and reads it again, so no check ever uses
+//! an older list, and checks wait for at most one read per interval. The
+//! list is read only for a wildcard listen address and only for addresses
+//! on the listen port, the first time one is checked. Should the OS refuse
+//! to list them, the previous list is kept (with a warning) until the next
+//! interval.
 //!
 //! # IPv4 embedded in IPv6
 //!
@@ -34,11 +58,20 @@
 //!   `["64:ff9b::/96"]`) is no back door to IPv4 addresses the list leaves
 //!   out; to reach 8.8.8.8 through NAT64, allow 8.8.8.8.
 
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
 use crate::config::UpstreamsConfig;
+
+/// How long a list of the machine's addresses is used before it is read
+/// again: short enough that an address gained by DHCP or a new interface is
+/// caught within a second, long enough that the OS is asked at most once a
+/// second however many connections are made.
+pub const MACHINE_ADDRESSES_MAX_AGE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct UpstreamPolicy {
@@ -46,6 +79,9 @@ pub struct UpstreamPolicy {
     deny: Vec<IpNet>,
     /// The listen address, IPv4-mapped IPv6 written as IPv4.
     own: SocketAddr,
+    /// The machine's addresses, for a wildcard listen address only. Shared
+    /// by the clones of the policy.
+    machine: Option<Arc<MachineAddresses>>,
 }
 
 /// Why an address was refused, for the error message.
@@ -69,10 +105,24 @@ impl std::fmt::Display for Refusal {
 impl UpstreamPolicy {
     /// `own` is the address the gateway actually listens on.
     pub fn new(config: &UpstreamsConfig, own: SocketAddr) -> Self {
+        Self::with_machine_addresses(config, own, Box::new(read_machine_addresses))
+    }
+
+    /// As [`new`](Self::new), the machine's addresses coming from `read`.
+    fn with_machine_addresses(
+        config: &UpstreamsConfig,
+        own: SocketAddr,
+        read: ReadAddresses,
+    ) -> Self {
+        let own = SocketAddr::new(own.ip().to_canonical(), own.port());
         Self {
             allow: config.allow.clone(),
             deny: config.deny.clone(),
-            own: SocketAddr::new(own.ip().to_canonical(), own.port()),
+            own,
+            machine: own
+                .ip()
+                .is_unspecified()
+                .then(|| Arc::new(MachineAddresses::new(read))),
         }
     }
 
@@ -118,13 +168,24 @@ impl UpstreamPolicy {
             return false;
         }
         let own = self.own.ip();
-        // Listening on every address: loopback and the unspecified address
-        // reach this gateway too (other local addresses are caught by the
-        // Via loop check).
-        forms.any(|ip| {
-            ip == own || (own.is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
-        })
+        match &self.machine {
+            Some(machine) => {
+                let machine = machine.current(Instant::now());
+                forms.any(|ip| is_own_address(ip, own, &machine))
+            }
+            None => forms.any(|ip| is_own_address(ip, own, &[])),
+        }
     }
+}
+
+/// Whether `ip`, on the listen port, reaches a gateway listening on `own`
+/// on a machine whose addresses are `machine`: `own` itself or, when `own`
+/// is a wildcard, loopback, the unspecified address and every address of
+/// the machine, whatever the family.
+fn is_own_address(ip: IpAddr, own: IpAddr, machine: &[IpAddr]) -> bool {
+    ip == own
+        || (own.is_unspecified()
+            && (ip.is_loopback() || ip.is_unspecified() || machine.contains(&ip)))
 }
 
 /// The IPv4 address an IPv6 address carries, if it is IPv4-mapped
@@ -139,6 +200,83 @@ pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
         [0, 0, 0, 0, 0, 0, _, _] if !ip.is_unspecified() && !ip.is_loopback() => carried,
         [0x64, 0xff9b, 0, 0, 0, 0, _, _] => carried,
         _ => None,
+    }
+}
+
+type ReadAddresses = Box<dyn Fn() -> io::Result<Vec<IpAddr>> + Send + Sync>;
+
+/// Every address of every interface of the machine, link-local included.
+fn read_machine_addresses() -> io::Result<Vec<IpAddr>> {
+    Ok(if_addrs::get_if_addrs()?
+        .into_iter()
+        .map(|interface| interface.ip())
+        .collect())
+}
+
+/// The machine's addresses, read again once older than
+/// [`MACHINE_ADDRESSES_MAX_AGE`] (see the module documentation).
+struct MachineAddresses {
+    list: RwLock<AddressList>,
+    read: ReadAddresses,
+}
+
+struct AddressList {
+    /// None until first read.
+    read_at: Option<Instant>,
+    addresses: Arc<[IpAddr]>,
+}
+
+impl AddressList {
+    fn is_fresh(&self, now: Instant) -> bool {
+        self.read_at
+            .is_some_and(|at| now.saturating_duration_since(at) < MACHINE_ADDRESSES_MAX_AGE)
+    }
+}
+
+impl MachineAddresses {
+    fn new(read: ReadAddresses) -> Self {
+        Self {
+            list: RwLock::new(AddressList {
+                read_at: None,
+                addresses: Arc::from([]),
+            }),
+            read,
+        }
+    }
+
+    /// The addresses as of at most [`MACHINE_ADDRESSES_MAX_AGE`] before
+    /// `now`, read again if the list is older.
+    fn current(&self, now: Instant) -> Arc<[IpAddr]> {
+        {
+            let list = self.list.read().unwrap_or_else(PoisonError::into_inner);
+            if list.is_fresh(now) {
+                return list.addresses.clone();
+            }
+        }
+        let mut list = self.list.write().unwrap_or_else(PoisonError::into_inner);
+        // Another check may have read them while this one waited.
+        if !list.is_fresh(now) {
+            match (self.read)() {
+                Ok(addresses) => list.addresses = addresses.into(),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot list the machine's addresses; the gateway's own addresses are \
+                     judged by the previous list"
+                ),
+            }
+            list.read_at = Some(now);
+        }
+        list.addresses.clone()
+    }
+}
+
+impl std::fmt::Debug for MachineAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = self.list.read().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("MachineAddresses")
+            .field("read_at", &list.read_at)
+            .field("addresses", &list.addresses)
+            .finish_non_exhaustive()
     }
 }
 
@@ -305,6 +443,179 @@ mod tests {
             p.check("10.9.1.1:80".parse().unwrap()),
             Err(Refusal::Denied(_))
         ));
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|ip| ip.parse().unwrap()).collect()
+    }
+
+    /// A policy whose machine has `machine` for addresses, and the number of
+    /// times it listed them.
+    fn policy_on_machine(
+        own: &str,
+        machine: &[&str],
+    ) -> (UpstreamPolicy, Arc<std::sync::atomic::AtomicUsize>) {
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (counter, machine) = (reads.clone(), ips(machine));
+        let p = UpstreamPolicy::with_machine_addresses(
+            &UpstreamsConfig::default(),
+            own.parse().unwrap(),
+            Box::new(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(machine.clone())
+            }),
+        );
+        (p, reads)
+    }
+
+    #[test]
+    fn on_a_wildcard_every_address_of_the_machine_is_own() {
+        let machine = ips(&["192.0.2.2", "fd00::2", "fe80::fc:ff:fe00:1", "127.0.0.1"]);
+        for wildcard in ["0.0.0.0", "::"] {
+            let own: IpAddr = wildcard.parse().unwrap();
+            for ip in [
+                "192.0.2.2",
+                "fd00::2",
+                "fe80::fc:ff:fe00:1",
+                "127.0.0.1",
+                "127.0.0.53",
+                "::1",
+                "0.0.0.0",
+                "::",
+            ] {
+                assert!(
+                    is_own_address(ip.parse().unwrap(), own, &machine),
+                    "{ip} on {wildcard}"
+                );
+            }
+            for ip in ["198.51.100.7", "192.0.2.3", "fd00::3", "10.0.0.1"] {
+                assert!(
+                    !is_own_address(ip.parse().unwrap(), own, &machine),
+                    "{ip} on {wildcard}"
+                );
+            }
+        }
+        // Listening on one address, only that one is own.
+        let own: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(is_own_address(own, own, &machine));
+        for ip in ["127.0.0.1", "fd00::2", "0.0.0.0"] {
+            assert!(!is_own_address(ip.parse().unwrap(), own, &machine), "{ip}");
+        }
+    }
+
+    #[test]
+    fn the_machines_addresses_on_the_listen_port_are_refused() {
+        for listen in ["0.0.0.0:8080", "[::]:8080", "[::ffff:0.0.0.0]:8080"] {
+            let (p, _) = policy_on_machine(listen, &["192.0.2.2", "fd00::2"]);
+            for own in [
+                "192.0.2.2:8080",
+                "[fd00::2]:8080",
+                // The same address embedded in IPv6.
+                "[::ffff:192.0.2.2]:8080",
+                "[::192.0.2.2]:8080",
+                "[64:ff9b::c000:202]:8080",
+                "127.0.0.1:8080",
+                "[::1]:8080",
+            ] {
+                assert_eq!(
+                    p.check(own.parse().unwrap()),
+                    Err(Refusal::OwnAddress),
+                    "{own} listening on {listen}"
+                );
+            }
+            for other in ["192.0.2.2:8081", "[fd00::2]:80", "192.0.2.3:8080"] {
+                assert_eq!(p.check(other.parse().unwrap()), Ok(()), "{other}");
+            }
+            assert_eq!(p.check_host("192.0.2.2", 8080), Err(Refusal::OwnAddress));
+            assert_eq!(p.check_host("3221225986", 8080), Err(Refusal::OwnAddress));
+        }
+    }
+
+    #[test]
+    fn the_machines_addresses_are_listed_only_when_they_matter() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Listening on one address: never.
+        let (p, reads) = policy_on_machine("192.0.2.2:8080", &["192.0.2.2"]);
+        assert_eq!(
+            p.check("192.0.2.2:8080".parse().unwrap()),
+            Err(Refusal::OwnAddress)
+        );
+        assert_eq!(p.check("10.0.0.1:8080".parse().unwrap()), Ok(()));
+        assert_eq!(reads.load(SeqCst), 0);
+        // On a wildcard: not before an address on the listen port is checked.
+        let (p, reads) = policy_on_machine("0.0.0.0:8080", &["192.0.2.2"]);
+        assert_eq!(p.check("192.0.2.2:80".parse().unwrap()), Ok(()));
+        assert_eq!(reads.load(SeqCst), 0);
+        assert_eq!(
+            p.check("192.0.2.2:8080".parse().unwrap()),
+            Err(Refusal::OwnAddress)
+        );
+        assert!(reads.load(SeqCst) >= 1);
+        // Clones share the list.
+        let before = reads.load(SeqCst);
+        let clone = p.clone();
+        assert!(Arc::ptr_eq(
+            p.machine.as_ref().unwrap(),
+            clone.machine.as_ref().unwrap()
+        ));
+        assert_eq!(reads.load(SeqCst), before);
+    }
+
+    #[test]
+    fn the_machines_addresses_are_read_again_once_older_than_the_max_age() {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let reads = Arc::new(AtomicUsize::new(0));
+        let listed: Arc<Mutex<io::Result<Vec<IpAddr>>>> =
+            Arc::new(Mutex::new(Ok(ips(&["192.0.2.2"]))));
+        let (counter, source) = (reads.clone(), listed.clone());
+        let machine = MachineAddresses::new(Box::new(move || {
+            counter.fetch_add(1, SeqCst);
+            match &*source.lock().unwrap() {
+                Ok(list) => Ok(list.clone()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            }
+        }));
+        let start = Instant::now();
+        assert_eq!(&*machine.current(start), ips(&["192.0.2.2"]));
+        assert_eq!(reads.load(SeqCst), 1);
+
+        // DHCP hands out a new address: seen once the list has aged, not
+        // before, and the OS is not asked in between.
+        *listed.lock().unwrap() = Ok(ips(&["192.0.2.9", "fd00::9"]));
+        let almost = start + MACHINE_ADDRESSES_MAX_AGE - Duration::from_millis(1);
+        assert_eq!(&*machine.current(almost), ips(&["192.0.2.2"]));
+        assert_eq!(reads.load(SeqCst), 1);
+        let aged = start + MACHINE_ADDRESSES_MAX_AGE;
+        assert_eq!(&*machine.current(aged), ips(&["192.0.2.9", "fd00::9"]));
+        assert_eq!(reads.load(SeqCst), 2);
+        assert_eq!(&*machine.current(aged), ips(&["192.0.2.9", "fd00::9"]));
+        assert_eq!(reads.load(SeqCst), 2);
+
+        // The OS refuses: the previous list stands, asked again only once
+        // that attempt has aged too.
+        *listed.lock().unwrap() = Err(io::Error::other("no netlink"));
+        let later = aged + MACHINE_ADDRESSES_MAX_AGE;
+        assert_eq!(&*machine.current(later), ips(&["192.0.2.9", "fd00::9"]));
+        assert_eq!(&*machine.current(later), ips(&["192.0.2.9", "fd00::9"]));
+        assert_eq!(reads.load(SeqCst), 3);
+        *listed.lock().unwrap() = Ok(Vec::new());
+        let recovered = later + MACHINE_ADDRESSES_MAX_AGE;
+        assert!(machine.current(recovered).is_empty());
+        assert_eq!(reads.load(SeqCst), 4);
+    }
+
+    #[test]
+    fn the_real_machine_addresses_count_on_a_wildcard() {
+        let machine = read_machine_addresses().expect("the machine's addresses");
+        let p = policy(&[], &[], "0.0.0.0:8080");
+        for ip in machine {
+            assert_eq!(
+                p.check(SocketAddr::new(ip, 8080)),
+                Err(Refusal::OwnAddress),
+                "{ip}"
+            );
+        }
     }
 
     #[test]
