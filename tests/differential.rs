@@ -13,8 +13,10 @@
 //!   must have served the same request with the same body, and the two
 //!   must go on to the same next request (the sentinel, for messages
 //!   generated whole). Where the codec refuses, nothing is asserted about
-//!   hyper: refusing is always safe. Here, only the requests both accept
-//!   are compared: the smuggling property itself.
+//!   hyper: refusing is always safe. One test holds the codec to all of
+//!   that; another only to the boundaries of the requests both accept,
+//!   the smuggling property itself, which stays checked on every run
+//!   whatever the first finds.
 //! - `httparse`, for many more cases: every head the codec accepts ends
 //!   where `httparse` says it ends.
 //!
@@ -1348,6 +1350,18 @@ fn where_both_accept_codec_and_hyper_end_requests_at_the_same_byte() {
     }
 }
 
+/// The codec accepts nothing hyper's server would not serve the same way:
+/// every request the codec accepts, hyper serves, with the same body, and
+/// goes on to the same next request.
+#[test]
+fn hyper_serves_every_request_the_codec_accepts() {
+    against_hyper(
+        "every request the codec accepts",
+        4000,
+        Strictness::HyperServesAll,
+    );
+}
+
 /// Many more cases against `httparse` alone (no hyper): every head the
 /// codec accepts ends where `httparse` ends it, whatever the reads.
 #[test]
@@ -1427,5 +1441,53 @@ fn classic_smuggling_attempts_are_refused() {
             "the codec accepted {}: {run:?}",
             message.escape_ascii()
         );
+    }
+}
+
+/// Disagreement: a `Transfer-Encoding` list with empty elements (RFC 9110
+/// §5.6.1 says to ignore them) is chunked to the codec; hyper goes by the
+/// last element of the last field, empty here, and answers 400. A parser
+/// that neither refuses it nor reads it as chunked reads the chunks as
+/// the next request.
+#[test]
+fn transfer_encoding_with_empty_list_elements() {
+    for message in [
+        &b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked,\r\n\r\n2\r\nma\r\n0\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: , chunked ,\r\n\r\n2\r\nma\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n2\r\nma\r\n0\r\n\r\n",
+    ] {
+        check_one(message);
+    }
+}
+
+/// Disagreement: a form feed (0x0C) between a chunk size and `;` is
+/// whitespace to the codec (`trim_ascii_start`), while a chunk-size line
+/// allows only SP and HTAB there (RFC 9112 §7.1.1, BWS); hyper refuses
+/// the body.
+#[test]
+fn form_feed_in_a_chunk_size_line() {
+    for message in [
+        &b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\x0c;a\r\nma\r\n0\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2 \x0c ;a\r\nma\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nma\r\n0\x0c;a\r\n\r\n",
+    ] {
+        check_one(message);
+    }
+}
+
+/// Disagreement: trailer lines that are not field lines (RFC 9112 §7.1.2,
+/// RFC 9110 §5.1, §5.5) are accepted by the codec, which asks only for a
+/// colon and no leading whitespace; hyper parses the trailer section with
+/// `httparse` and refuses the body.
+#[test]
+fn trailer_lines_that_are_not_fields() {
+    for message in [
+        &b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nma\r\n0\r\nBad Name: 1\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nma\r\n0\r\n: 1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nma\r\n0\r\nX-T : 1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nma\r\n0\r\nX-T: a\x01b\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nma\r\n0\r\nX-T: a\x7fb\r\n\r\n",
+    ] {
+        check_one(message);
     }
 }
