@@ -1444,11 +1444,11 @@ fn classic_smuggling_attempts_are_refused() {
     }
 }
 
-/// Disagreement: a `Transfer-Encoding` list with empty elements (RFC 9110
-/// §5.6.1 says to ignore them) is chunked to the codec; hyper goes by the
-/// last element of the last field, empty here, and answers 400. A parser
-/// that neither refuses it nor reads it as chunked reads the chunks as
-/// the next request.
+/// Found by the property test: a `Transfer-Encoding` list with empty
+/// elements (RFC 9110 §5.6.1 says to ignore them) was chunked to the
+/// codec; hyper goes by the last element of the last field, empty here,
+/// and answers 400. A parser that neither refuses it nor reads it as
+/// chunked reads the chunks as the next request, so the codec refuses it.
 #[test]
 fn transfer_encoding_with_empty_list_elements() {
     for message in [
@@ -1460,10 +1460,10 @@ fn transfer_encoding_with_empty_list_elements() {
     }
 }
 
-/// Disagreement: a form feed (0x0C) between a chunk size and `;` is
-/// whitespace to the codec (`trim_ascii_start`), while a chunk-size line
-/// allows only SP and HTAB there (RFC 9112 §7.1.1, BWS); hyper refuses
-/// the body.
+/// Found by the property test: a form feed (0x0C) between a chunk size
+/// and `;` was whitespace to the codec (`trim_ascii_start`), while a
+/// chunk-size line allows only SP and HTAB there (RFC 9112 §7.1.1, BWS);
+/// hyper refuses the body, and so does the codec now.
 #[test]
 fn form_feed_in_a_chunk_size_line() {
     for message in [
@@ -1475,10 +1475,11 @@ fn form_feed_in_a_chunk_size_line() {
     }
 }
 
-/// Disagreement: trailer lines that are not field lines (RFC 9112 §7.1.2,
-/// RFC 9110 §5.1, §5.5) are accepted by the codec, which asks only for a
-/// colon and no leading whitespace; hyper parses the trailer section with
-/// `httparse` and refuses the body.
+/// Found by the property test: trailer lines that are not field lines
+/// (RFC 9112 §7.1.2, RFC 9110 §5.1, §5.5) were accepted by the codec,
+/// which asked only for a colon and no leading whitespace; hyper parses
+/// the trailer section with `httparse` and refuses the body, and the
+/// codec now reads each trailer line as a field line.
 #[test]
 fn trailer_lines_that_are_not_fields() {
     for message in [

@@ -155,7 +155,7 @@ impl Decoder {
                     };
                     if line.is_empty() {
                         *self = Self::Done;
-                    } else if line[0] == b' ' || line[0] == b'\t' || !line.contains(&b':') {
+                    } else if !is_field_line(&line) {
                         return Err(DecodeError("invalid trailer field"));
                     } else {
                         *self = Self::Chunked(Chunk::Trailers(seen + line.len() + 2));
@@ -210,14 +210,37 @@ fn take_line(
     Ok(Some(line))
 }
 
+/// Whether `line` is a field line (RFC 9110 §5.1, RFC 9112 §5): a
+/// token, a colon, and a value of visible characters, spaces and tabs.
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = memchr::memchr(b':', line) else {
+        return false;
+    };
+    let (name, value) = (&line[..colon], &line[colon + 1..]);
+    !name.is_empty()
+        && name.iter().all(|&b| is_tchar(b))
+        && value
+            .iter()
+            .all(|&b| b == b' ' || b == b'\t' || (0x21..=0x7e).contains(&b) || b >= 0x80)
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// A chunk-size line's size: 1 to 16 hex digits, then nothing, or
-/// optional whitespace and `;` extensions (RFC 9112 §7.1.1).
+/// optional spaces or tabs and `;` extensions (RFC 9112 §7.1.1).
 fn chunk_size(line: &[u8]) -> Result<u64, DecodeError> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     if digits == 0 || digits > 16 {
         return Err(DecodeError("invalid chunk size"));
     }
-    let rest = line[digits..].trim_ascii_start();
+    let rest = &line[digits..];
+    let rest = &rest[rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
     if !(rest.is_empty() || rest[0] == b';') || (rest.is_empty() && digits < line.len()) {
         return Err(DecodeError("invalid chunk size"));
     }
@@ -308,6 +331,12 @@ mod tests {
             b"5\r\nhello\r\n0\r\nX: 1\n\r\n",
             b"5\r\nhello\r\n0\r\n folded: x\r\n\r\n",
             b"5\r\nhello\r\n0\r\nno colon\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nBad Name: 1\r\n\r\n",
+            b"5\r\nhello\r\n0\r\n: 1\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX-T : 1\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX-T: a\x01b\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX-T: a\x7fb\r\n\r\n",
+            b"5\x0c;a\r\nhello\r\n0\r\n\r\n",
             b"5\rx\r\nhello\r\n0\r\n\r\n",
             b"10000000000000000\r\n",
         ] {

@@ -118,18 +118,24 @@ fn add_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), HeadError> {
 }
 
 /// What the `Transfer-Encoding` fields of a message list: whether the
-/// last coding is `chunked`, and how many codings there are.
+/// last coding is `chunked`, how many codings there are, and whether any
+/// list element was empty.
 #[derive(Debug, Default, Clone, Copy)]
 struct Codings {
     count: usize,
     last_chunked: bool,
     chunked_before_last: bool,
+    /// An empty element (`chunked,`, an empty field): RFC 9110 §5.6.1 lets
+    /// a recipient skip it, but other parsers refuse it or read the last
+    /// element only, so a request that has one is refused.
+    empty: bool,
 }
 
 impl Codings {
     fn add(&mut self, value: &[u8]) {
-        for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        for coding in value.split(|&b| b == b',').map(trim_whitespace) {
             if coding.is_empty() {
+                self.empty = true;
                 continue;
             }
             self.chunked_before_last |= self.last_chunked;
@@ -137,6 +143,18 @@ impl Codings {
             self.count += 1;
         }
     }
+}
+
+/// `bytes` without the spaces and tabs around it (RFC 9110 §5.6.3's OWS;
+/// not the other ASCII whitespace Rust's `trim_ascii` takes).
+pub fn trim_whitespace(bytes: &[u8]) -> &[u8] {
+    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |e| e + 1);
+    &bytes[start..end]
 }
 
 /// A request head from the front of `buf`, taken off it; `None` until
@@ -186,10 +204,7 @@ pub fn parse_request(
         } else if name == header::CONNECTION {
             connection.add(field.value);
         } else if name == header::EXPECT {
-            expect_continue |= field
-                .value
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"100-continue");
+            expect_continue |= trim_whitespace(field.value).eq_ignore_ascii_case(b"100-continue");
         }
         let start = offset(field.value);
         names.push((name, start..start + field.value.len()));
@@ -211,7 +226,7 @@ pub fn parse_request(
                 "Transfer-Encoding on an HTTP/1.0 request",
             ));
         }
-        (Some(c), None) if c.count == 1 && c.last_chunked => BodyLength::Chunked,
+        (Some(c), None) if c.count == 1 && c.last_chunked && !c.empty => BodyLength::Chunked,
         (Some(_), None) => {
             return Err(HeadError::Invalid(
                 "unsupported Transfer-Encoding (only chunked is accepted)",
@@ -460,6 +475,10 @@ mod tests {
             b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked,\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: , chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding:\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: \x0cchunked\r\n\r\n",
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: g\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: g\r\nContent-Length: +3\r\n\r\n",

@@ -51,7 +51,10 @@ impl ConnectionOptions {
     /// ASCII, and anything else makes it unreadable. Empty list elements
     /// are skipped (RFC 9110 §5.6.1).
     pub fn add(&mut self, value: &[u8]) {
-        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        for token in value
+            .split(|&b| b == b',')
+            .map(super::head::trim_whitespace)
+        {
             if token.eq_ignore_ascii_case(b"close") {
                 self.close = true;
             } else if token.eq_ignore_ascii_case(b"keep-alive") {
