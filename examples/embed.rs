@@ -4,8 +4,9 @@
 //! routes (`/call/...`, `/services...`, `/healthz`) from it: build the
 //! gateway, build its tower stack once, and hand it the requests that are
 //! its own, with the client's address as a `Peer` extension (the proxy
-//! forwards it in `X-Forwarded-For`). Everything else stays the
-//! application's.
+//! forwards it in `X-Forwarded-For`; `switchyard::stack::for_client`
+//! builds a stack that knows it for a whole connection). Everything else
+//! stays the application's.
 //!
 //!     cargo run --example embed
 //!     curl localhost:8090/                # the application's own page

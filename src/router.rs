@@ -29,6 +29,9 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>>
 pub struct Router {
     gateway: Arc<Gateway>,
     api: ValidateRequestHeader<Api, AdminToken>,
+    /// The client of the connection this router serves, if it is one
+    /// connection's ([`crate::stack::for_client`]).
+    peer: Option<Peer>,
 }
 
 impl Router {
@@ -39,7 +42,16 @@ impl Router {
             .service(Api {
                 gateway: gateway.clone(),
             });
-        Self { gateway, api }
+        Self {
+            gateway,
+            api,
+            peer: None,
+        }
+    }
+
+    /// Serves the connection of the client `peer`.
+    pub fn set_peer(&mut self, peer: Peer) {
+        self.peer = Some(peer);
     }
 }
 
@@ -63,12 +75,8 @@ impl Service<Request<Body>> for Router {
         let path = request.uri().path();
         if path.starts_with(proxy::path::PREFIX) {
             let gateway = self.gateway.clone();
+            let peer = crate::stack::client_of(&request, self.peer.as_ref());
             return Box::pin(async move {
-                let peer = request
-                    .extensions()
-                    .get::<Peer>()
-                    .cloned()
-                    .unwrap_or_else(Peer::unknown);
                 Ok(gateway
                     .proxy()
                     .forward(gateway.registry(), request, &peer)

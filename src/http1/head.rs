@@ -253,7 +253,39 @@ pub fn parse_request(
 /// A `Host` value: empty, or an authority without user information
 /// (RFC 9112 §3.2, RFC 9110 §7.2).
 fn valid_host(value: &[u8]) -> bool {
-    value.is_empty() || (!value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok())
+    if value.is_empty() {
+        return true;
+    }
+    // host [ ":" port ], host an IP literal in brackets or a reg-name /
+    // IPv4 address (RFC 3986 §3.2.2): written out, as it runs on every
+    // request.
+    let (host, port) = if value[0] == b'[' {
+        let Some(end) = memchr::memchr(b']', value) else {
+            return false;
+        };
+        let literal = &value[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        match &value[end + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&value[..=end], port),
+            _ => return false,
+        }
+    } else {
+        match memchr::memchr(b':', value) {
+            Some(colon) => (&value[..colon], &value[colon + 1..]),
+            None => (value, &[][..]),
+        }
+    };
+    let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b);
+    !host.is_empty()
+        && (host[0] == b'[' || host.iter().all(reg_name))
+        && port.iter().all(u8::is_ascii_digit)
 }
 
 /// The fields named in `names`, their values sliced out of `head`.
@@ -261,7 +293,9 @@ fn header_map(
     head: &Bytes,
     names: Vec<(HeaderName, std::ops::Range<usize>)>,
 ) -> Result<HeaderMap, HeadError> {
-    let mut headers = HeaderMap::with_capacity(names.len());
+    // Room for the fields the stack adds (an `X-Request-Id`), so that
+    // adding one never grows the map.
+    let mut headers = HeaderMap::with_capacity(names.len() + 2);
     for (name, range) in names {
         let value = HeaderValue::from_maybe_shared(head.slice(range))
             .map_err(|_| HeadError::Invalid("invalid header value"))?;
@@ -489,6 +523,12 @@ mod tests {
             b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a:b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: [g::1]\r\n\r\n",
             b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
             b"GET / HTTP/1.1\r\nBad Name: x\r\nHost: a\r\n\r\n",
             b"GET /\x7f HTTP/1.1\r\nHost: a\r\n\r\n",

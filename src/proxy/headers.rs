@@ -128,18 +128,17 @@ pub fn passed_through(headers: &HeaderMap, name: &str) -> bool {
 /// A random version 4 UUID, written without the formatting machinery (it
 /// runs on every request that arrives without an id).
 pub fn request_id<R: Rng + ?Sized>(rng: &mut R) -> [u8; 36] {
+    /// Where each of the 16 bytes goes in `8-4-4-4-12` hex.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits: u128 = rng.random();
+    let mut bytes = rng.random::<u128>().to_be_bytes();
     // Version 4, variant 10 (RFC 9562 §5.4).
-    let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    bytes[6] = bytes[6] & 0x0f | 0x40;
+    bytes[8] = bytes[8] & 0x3f | 0x80;
     let mut id = [b'-'; 36];
-    let mut nibble = 32;
-    for (i, byte) in id.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            continue;
-        }
-        nibble -= 1;
-        *byte = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
+    for (byte, at) in bytes.into_iter().zip(AT) {
+        id[at] = HEX[usize::from(byte >> 4)];
+        id[at + 1] = HEX[usize::from(byte & 0xf)];
     }
     id
 }

@@ -123,7 +123,7 @@ pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError
             version: head.version,
             keep_alive: head.keep_alive,
         };
-        let (request, loan) = request(head, io, client);
+        let (request, loan) = request(head, io);
         std::future::poll_fn(|cx| stack.poll_ready(cx)).await?;
         let response = match stack.call(request).await {
             Ok(response) => response,
@@ -168,7 +168,7 @@ enum Loan {
 
 /// The request of `head`, with its body: taken off the read buffer when
 /// it is all there, else read from the connection as it is pulled.
-fn request(head: RequestHead, mut io: ClientIo, client: &Client) -> (Request<Body>, Loan) {
+fn request(head: RequestHead, mut io: ClientIo) -> (Request<Body>, Loan) {
     let RequestHead {
         method,
         uri,
@@ -194,7 +194,6 @@ fn request(head: RequestHead, mut io: ClientIo, client: &Client) -> (Request<Bod
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
-    request.extensions_mut().insert(client.peer.clone());
     (request, loan)
 }
 

@@ -39,12 +39,11 @@ pub async fn serve(client: &Client, stream: TcpStream, read: BytesMut) -> Result
         .timer(TokioTimer::new())
         .max_header_list_size(config.limits.max_header_bytes);
     let idle = config.proxy.idle_timeout;
-    let (stack, peer) = (client.stack.clone(), client.peer.clone());
+    let stack = client.stack.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let (mut stack, peer) = (stack.clone(), peer.clone());
+        let mut stack = stack.clone();
         async move {
-            let mut request = request.map(body::boxed);
-            request.extensions_mut().insert(peer);
+            let request = request.map(body::boxed);
             let response = match stack.call(request).await {
                 Ok(response) => response,
                 Err(never) => match never {},

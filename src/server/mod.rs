@@ -103,10 +103,10 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
             }
         };
         let _ = stream.set_nodelay(true);
+        let peer = Peer::new(remote);
         let client = Client {
             gateway: gateway.clone(),
-            stack: stack.clone(),
-            peer: Peer::new(remote),
+            stack: stack::for_client(&stack, peer),
             draining: draining.clone(),
         };
         open.spawn(async move {
@@ -132,12 +132,12 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
     tracing::info!("stopped");
 }
 
-/// What a client connection needs: the gateway and its stack, the
-/// client's address, and the signal that shutdown has begun.
+/// What a client connection needs: the gateway, its stack for this
+/// client, and the signal that shutdown has begun.
 struct Client {
     gateway: Arc<Gateway>,
+    /// The connection's own stack, which knows its client.
     stack: Stack,
-    peer: Peer,
     draining: CancellationToken,
 }
 
