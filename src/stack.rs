@@ -89,7 +89,10 @@ fn new_request_id() -> HeaderValue {
             std::cell::RefCell::new(rand::rngs::SmallRng::from_rng(&mut rand::rng()));
     }
     let id = IDS.with_borrow_mut(crate::proxy::headers::request_id);
-    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("-"))
+    // Owned by one allocation that the request's copy and the response's
+    // share (a copied `Bytes` would allocate again when first cloned).
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
+        .unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// Gives every request an `X-Request-Id` (a random version 4 UUID when

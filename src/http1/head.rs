@@ -183,7 +183,7 @@ pub fn parse_request(
     let base = buf.as_ptr() as usize;
     let offset = |s: &[u8]| s.as_ptr() as usize - base;
     let target_range = offset(target.as_bytes())..offset(target.as_bytes()) + target.len();
-    let mut names = Vec::with_capacity(parsed.headers.len());
+    let mut names = scratch();
     let mut length = None;
     let mut codings: Option<Codings> = None;
     let mut hosts = 0;
@@ -235,7 +235,7 @@ pub fn parse_request(
     };
 
     let head = buf.split_to(len).freeze();
-    let headers = header_map(&head, names)?;
+    let headers = header_map(&head, &mut names)?;
     let uri = Uri::from_maybe_shared(head.slice(target_range))
         .map_err(|_| HeadError::Invalid("invalid request target"))?;
     let keep_alive = !connection.close && (version == Version::HTTP_11 || connection.keep_alive);
@@ -288,15 +288,50 @@ fn valid_host(value: &[u8]) -> bool {
         && port.iter().all(u8::is_ascii_digit)
 }
 
+/// Where each field of a head being read sits: its name, and its value's
+/// place in the head's bytes.
+type Fields = Vec<(HeaderName, std::ops::Range<usize>)>;
+
+thread_local! {
+    /// The list of fields of the head being read, kept from one head to
+    /// the next so that reading one allocates nothing for it.
+    static SCRATCH: std::cell::Cell<Fields> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// This thread's field list, empty; given back when dropped.
+fn scratch() -> Scratch {
+    Scratch(SCRATCH.take())
+}
+
+struct Scratch(Fields);
+
+impl std::ops::Deref for Scratch {
+    type Target = Fields;
+    fn deref(&self) -> &Fields {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut Fields {
+        &mut self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let mut fields = std::mem::take(&mut self.0);
+        fields.clear();
+        SCRATCH.set(fields);
+    }
+}
+
 /// The fields named in `names`, their values sliced out of `head`.
-fn header_map(
-    head: &Bytes,
-    names: Vec<(HeaderName, std::ops::Range<usize>)>,
-) -> Result<HeaderMap, HeadError> {
+fn header_map(head: &Bytes, names: &mut Fields) -> Result<HeaderMap, HeadError> {
     // Room for the fields the stack adds (an `X-Request-Id`), so that
     // adding one never grows the map.
     let mut headers = HeaderMap::with_capacity(names.len() + 2);
-    for (name, range) in names {
+    for (name, range) in names.drain(..) {
         let value = HeaderValue::from_maybe_shared(head.slice(range))
             .map_err(|_| HeadError::Invalid("invalid header value"))?;
         headers.append(name, value);
@@ -349,7 +384,7 @@ pub fn parse_response(
         let mut connection = ConnectionOptions::default();
         let mut length = None;
         let mut codings: Option<Codings> = None;
-        let mut names = Vec::with_capacity(parsed.headers.len());
+        let mut names = scratch();
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| HeadError::Invalid("invalid header name"))?;
@@ -376,7 +411,7 @@ pub fn parse_response(
             names.retain(|(name, _)| !connection.listed.contains(name));
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = header_map(&head, names)?;
+        let mut headers = header_map(&head, &mut names)?;
         let mut keep_alive =
             !connection.close && (version == Version::HTTP_11 || connection.keep_alive);
         let body = if head_request || crate::body::status_has_no_body(status) {
