@@ -74,14 +74,9 @@ impl Service<Request<Body>> for Router {
         }
         let path = request.uri().path();
         if path.starts_with(proxy::path::PREFIX) {
-            let gateway = self.gateway.clone();
             let peer = crate::stack::client_of(&request, self.peer.as_ref());
-            return Box::pin(async move {
-                Ok(gateway
-                    .proxy()
-                    .forward(gateway.registry(), request, &peer)
-                    .await)
-            });
+            let forward = proxy::Proxy::forward(self.gateway.clone(), request, peer);
+            return Box::pin(Answer { inner: forward });
         }
         if path == "/services" || path.starts_with("/services/") {
             let mut api = self.api.clone();
@@ -125,5 +120,28 @@ impl Service<Request<Body>> for Api {
                 .await
                 .unwrap_or_else(GatewayError::into_response))
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The proxy's result as the answer: its error becomes the gateway's
+    /// JSON error response.
+    struct Answer<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> Future for Answer<F>
+where
+    F: Future<Output = Result<Response<Body>, GatewayError>>,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project()
+            .inner
+            .poll(cx)
+            .map(|result| Ok(result.unwrap_or_else(GatewayError::into_response)))
     }
 }

@@ -36,8 +36,9 @@ use crate::body::{Body, BoxError};
 use crate::breaker::CircuitState;
 use crate::config::Config;
 use crate::error::{ErrorCode, GatewayError};
+use crate::gateway::Gateway;
 use crate::outcome::{ClientFault, Failure, Outcome};
-use crate::registry::{HealthStatus, Instance, InstanceStack, Registry, ServiceEntry};
+use crate::registry::{HealthStatus, Instance, InstanceStack, ServiceEntry};
 use crate::retry::replay::RequestBody;
 use crate::retry::{self, RequestTraits};
 use crate::upstream::{Deadline, Outbound, UpstreamBody};
@@ -86,48 +87,31 @@ impl Proxy {
         }
     }
 
-    /// Forwards one `/call/...` request from the client `peer`; every
-    /// failure becomes the gateway's JSON error.
+    /// Forwards one `/call/...` request of `gateway` from the client
+    /// `peer`; every failure is the gateway's error, for the caller to
+    /// answer ([`GatewayError::into_response`]).
+    ///
+    /// It owns what it uses, in one future: the router boxes it for every
+    /// request, and a future that held its caller's arguments as well as
+    /// its own would be copied into the box twice as large.
     pub async fn forward<B>(
-        &self,
-        registry: &Registry,
+        gateway: Arc<Gateway>,
         request: Request<B>,
-        peer: &Peer,
-    ) -> Response<Body>
-    where
-        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        self.try_forward(registry, request, peer)
-            .await
-            .unwrap_or_else(GatewayError::into_response)
-    }
-
-    async fn try_forward<B>(
-        &self,
-        registry: &Registry,
-        request: Request<B>,
-        peer: &Peer,
+        peer: Peer,
     ) -> Result<Response<Body>, GatewayError>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        if request.version() < Version::HTTP_2 && request.uri().scheme().is_some() {
-            // An absolute-form target asks for a forward proxy, which this is not.
-            return Err(GatewayError::new(
-                ErrorCode::InvalidPath,
-                "absolute-form request targets are not accepted; send /call/<service>/<path>",
-            ));
-        }
-        if headers::passed_through(request.headers(), &self.name) {
-            return Err(GatewayError::new(
-                ErrorCode::LoopDetected,
-                format!("the request already passed through gateway {:?}", self.name),
-            ));
-        }
-        // A `Uri` clone shares its bytes; the target borrows from it.
-        let uri = request.uri().clone();
+        let (proxy, registry) = (gateway.proxy(), gateway.registry());
+        proxy.check(&request)?;
+        let (parts, body) = request.into_parts();
+        let http::request::Parts {
+            method,
+            uri,
+            headers: request_headers,
+            ..
+        } = parts;
         let target = CallTarget::parse(&uri)?;
         let service = registry
             .get(target.service)
@@ -135,30 +119,33 @@ impl Proxy {
         service.budget().deposit();
         let policy = &service.policy().retry;
 
-        let (parts, body) = request.into_parts();
-        let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        let client_host = request_headers.get(header::HOST).cloned().or_else(|| {
             uri.authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        // hyper has parsed Content-Length already: its size hint carries it.
+        // The body's size hint carries its Content-Length.
         let declared = http_body::Body::size_hint(&body).exact();
-        let declare_empty = parts.headers.contains_key(header::CONTENT_LENGTH);
-        let fields = headers::forward_fields(&parts.headers, peer, client_host.as_ref(), &self.via);
+        let declare_empty = request_headers.contains_key(header::CONTENT_LENGTH);
+        let fields =
+            headers::forward_fields(&request_headers, &peer, client_host.as_ref(), &proxy.via);
+        drop(client_host);
         let body = RequestBody::read(body, declared, policy.max_replay_body_bytes)
             .await
             .map_err(|e| ClientFault::of(&*e).into_error())?;
 
-        let deadline = Instant::now() + self.request_timeout;
-        let per_try = policy.effective_per_try_timeout(self.request_timeout);
+        let deadline = Instant::now() + proxy.request_timeout;
+        let per_try = policy.effective_per_try_timeout(proxy.request_timeout);
         let mut tried: Vec<Arc<Instance>> = Vec::new();
         let mut refused: Vec<Arc<Instance>> = Vec::new();
         let mut attempts = 0u32;
-        let mut last_response: Option<(Response<UpstreamBody>, Arc<Instance>)> = None;
+        // Boxed: rare, and it would otherwise make every request's future
+        // larger.
+        let mut last_response: Option<Box<(Response<UpstreamBody>, Arc<Instance>)>> = None;
         let mut last_failure = Failure::Connect;
 
         loop {
             let now = Instant::now();
-            let Some(instance) = self.choose(&service, now, &tried, &refused) else {
+            let Some(instance) = proxy.choose(&service, now, &tried, &refused) else {
                 if attempts == 0 {
                     return Err(unavailable(&service, now));
                 }
@@ -170,12 +157,12 @@ impl Proxy {
             let attempt_deadline = match upload {
                 None => Deadline::At((now + per_try).min(deadline)),
                 Some(upload) => Deadline::AfterUpload {
-                    timeout: self.request_timeout,
+                    timeout: proxy.request_timeout,
                     upload,
                 },
             };
             let mut request = Outbound::with_deadline(
-                parts.method.clone(),
+                method.clone(),
                 &instance.url().target(target.rest, target.query),
                 instance.url().host_header(),
                 &fields,
@@ -197,7 +184,7 @@ impl Proxy {
                     } else {
                         return Ok(finish(response, &instance));
                     };
-                    last_response = Some((response, instance.clone()));
+                    last_response = Some(Box::new((response, instance.clone())));
                     failure
                 }
                 (Outcome::ClientFault(fault), Err(error)) => {
@@ -229,13 +216,13 @@ impl Proxy {
                 last_failure = Failure::Timeout;
                 break;
             }
-            let traits = RequestTraits::new(&parts.method, &parts.headers, body.replayable());
+            let traits = RequestTraits::new(&method, &request_headers, body.replayable());
             if let Err(why) = retry::decide(failure, traits, attempts, policy, service.budget()) {
                 tracing::debug!(service = service.name(), ?why, "not retrying");
                 break;
             }
             tried.push(instance);
-            let pause = self.rng.with(|rng| retry::backoff(policy, attempts, rng));
+            let pause = proxy.rng.with(|rng| retry::backoff(policy, attempts, rng));
             if Instant::now() + pause >= deadline {
                 last_failure = Failure::Timeout;
                 break;
@@ -245,9 +232,32 @@ impl Proxy {
 
         // Attempts ran out: the last upstream answer as it is, if there was one.
         match last_response {
-            Some((response, instance)) => Ok(finish(response, &instance)),
-            None => Err(rescue(last_failure, &service, self.request_timeout)),
+            Some(last) => {
+                let (response, instance) = *last;
+                Ok(finish(response, &instance))
+            }
+            None => Err(rescue(last_failure, &service, proxy.request_timeout)),
         }
+    }
+
+    /// What is refused before the target is even read: an absolute-form
+    /// target (this is not a forward proxy) and a request that already
+    /// passed through this gateway.
+    fn check<B>(&self, request: &Request<B>) -> Result<(), GatewayError> {
+        if request.version() < Version::HTTP_2 && request.uri().scheme().is_some() {
+            // An absolute-form target asks for a forward proxy, which this is not.
+            return Err(GatewayError::new(
+                ErrorCode::InvalidPath,
+                "absolute-form request targets are not accepted; send /call/<service>/<path>",
+            ));
+        }
+        if headers::passed_through(request.headers(), &self.name) {
+            return Err(GatewayError::new(
+                ErrorCode::LoopDetected,
+                format!("the request already passed through gateway {:?}", self.name),
+            ));
+        }
+        Ok(())
     }
 
     /// A routable instance, preferring ones not tried yet for this request;
