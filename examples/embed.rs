@@ -38,7 +38,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // and never an upstream (SPEC §6).
     config.gateway.listen = listener.local_addr()?;
     config.validate()?;
-    let gateway = Gateway::new(config)?;
+    let gateway = Gateway::new(config).await?;
     let stack = switchyard::stack::stack(gateway);
     println!("listening on http://{}", listener.local_addr()?);
 

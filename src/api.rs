@@ -5,7 +5,8 @@
 //! Bad input is refused before anything changes.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -16,7 +17,9 @@ use crate::body::{self, Body, CollectError};
 use crate::breaker::CircuitState;
 use crate::error::{ErrorCode, GatewayError};
 use crate::outcome::ClientFault;
-use crate::registry::{HealthStatus, Instance, Registered, Registration, Registry, ServiceEntry};
+use crate::registry::{
+    HealthStatus, Instance, Registered, Registration, Registry, ServiceEntry, Write, Written,
+};
 
 /// Registry request bodies larger than this get 413.
 pub const MAX_REGISTRY_BODY: usize = 64 * 1024;
@@ -33,7 +36,7 @@ pub fn healthz(method: &Method) -> Result<Response<Body>, GatewayError> {
 
 /// Serves every path under `/services`.
 pub async fn handle<B>(
-    registry: &Registry,
+    registry: &Arc<Registry>,
     request: Request<B>,
 ) -> Result<Response<Body>, GatewayError>
 where
@@ -60,7 +63,8 @@ where
             Ok(json(StatusCode::OK, &ServiceView::of(&entry)))
         }
         [name] if method == Method::DELETE => {
-            registry.remove_service(name)?;
+            let service = name.to_string();
+            registry.write(Write::RemoveService { service }).await?;
             Ok(no_content())
         }
         [_] => Err(GatewayError::method_not_allowed("GET, HEAD, DELETE")),
@@ -84,10 +88,42 @@ where
             Ok(json(StatusCode::OK, &InstanceView::of(entry.instance(id)?)))
         }
         [name, "instances", id] if method == Method::DELETE => {
-            registry.remove_instance(name, id)?;
+            let (service, id) = (name.to_string(), id.to_string());
+            registry
+                .write(Write::RemoveInstance { service, id })
+                .await?;
             Ok(no_content())
         }
         [_, "instances", _] => Err(GatewayError::method_not_allowed("GET, HEAD, DELETE")),
+        [name, "instances", id, "heartbeat"] if method == Method::PUT => {
+            let (service, id) = (name.to_string(), id.to_string());
+            let written = registry.write(Write::Heartbeat { service, id }).await?;
+            Ok(instance_answer(written))
+        }
+        [_, "instances", _, "heartbeat"] => Err(GatewayError::method_not_allowed("PUT")),
+        [name, "instances", id, "state"] if method == Method::PUT => {
+            let (service, id) = (name.to_string(), id.to_string());
+            let body: StateBody = read_json(request).await?;
+            let draining = match body.state.as_str() {
+                "draining" => true,
+                "active" => false,
+                other => {
+                    return Err(GatewayError::new(
+                        ErrorCode::InvalidJson,
+                        format!("\"state\" must be \"draining\" or \"active\", got {other:?}"),
+                    ));
+                }
+            };
+            let written = registry
+                .write(Write::SetState {
+                    service,
+                    id,
+                    draining,
+                })
+                .await?;
+            Ok(instance_answer(written))
+        }
+        [_, "instances", _, "state"] => Err(GatewayError::method_not_allowed("PUT")),
         _ => Err(not_found(path)),
     }
 }
@@ -145,52 +181,56 @@ struct RegisterBody {
     id: Option<String>,
     #[serde(default)]
     metadata: Option<BTreeMap<String, String>>,
+    /// A duration string, 1 s to 1 h.
+    #[serde(default)]
+    ttl: Option<String>,
 }
 
+#[derive(Deserialize)]
+struct StateBody {
+    state: String,
+}
+
+/// The shortest and longest TTL a registration may ask for.
+const TTL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
+
 async fn register<B>(
-    registry: &Registry,
+    registry: &Arc<Registry>,
     request: Request<B>,
 ) -> Result<Response<Body>, GatewayError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<crate::body::BoxError>,
 {
-    if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
-        if !is_json(content_type) {
-            return Err(GatewayError::new(
-                ErrorCode::UnsupportedMediaType,
-                "registry requests take Content-Type: application/json",
-            ));
-        }
-    }
-    // The body's size hint carries its Content-Length.
-    let declared = request.body().size_hint().exact();
-    if declared.is_some_and(|len| len > MAX_REGISTRY_BODY as u64) {
-        return Err(body_too_large());
-    }
-    let bytes = match body::collect_capped(request.into_body(), MAX_REGISTRY_BODY).await {
-        Ok(bytes) => bytes,
-        Err(CollectError::TooLarge) => return Err(body_too_large()),
-        Err(CollectError::Broken(e)) => return Err(ClientFault::of(&*e).into_error()),
+    let parsed: RegisterBody = read_json(request).await?;
+    let ttl = match parsed.ttl.as_deref() {
+        None => None,
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(ttl) if TTL_RANGE.contains(&ttl) => Some(ttl),
+            _ => {
+                return Err(GatewayError::new(
+                    ErrorCode::InvalidJson,
+                    format!("\"ttl\" must be a duration from 1s to 1h (\"15s\"), got {text:?}"),
+                ));
+            }
+        },
     };
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    let written = registry
+        .write(Write::Register(Registration {
+            name: parsed.name,
+            url: parsed.url,
+            id: parsed.id,
+            metadata: parsed.metadata.unwrap_or_default(),
+            ttl,
+        }))
+        .await?;
+    let Written::Registered(registered) = written else {
         return Err(GatewayError::new(
-            ErrorCode::InvalidJson,
-            "the request body is empty; expected {\"name\": ..., \"url\": ...}",
+            ErrorCode::StoreUnavailable,
+            "the registration was not made",
         ));
-    }
-    let parsed: RegisterBody = serde_json::from_slice(&bytes).map_err(|e| {
-        GatewayError::new(
-            ErrorCode::InvalidJson,
-            format!("invalid registration JSON: {e}"),
-        )
-    })?;
-    let registered = registry.register(Registration {
-        name: parsed.name,
-        url: parsed.url,
-        id: parsed.id,
-        metadata: parsed.metadata.unwrap_or_default(),
-    })?;
+    };
     let (status, instance) = match registered {
         Registered::Created(instance) => (StatusCode::CREATED, instance),
         Registered::Existing(instance) => (StatusCode::OK, instance),
@@ -205,6 +245,49 @@ where
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
+}
+
+/// The instance a heartbeat or a drain left, as the answer.
+fn instance_answer(written: Written) -> Response<Body> {
+    match written {
+        Written::Instance(instance) => json(StatusCode::OK, &InstanceView::of(&instance)),
+        _ => no_content(),
+    }
+}
+
+/// A registry request's JSON body, of at most [`MAX_REGISTRY_BODY`] bytes.
+async fn read_json<B, T>(request: Request<B>) -> Result<T, GatewayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<crate::body::BoxError>,
+    T: serde::de::DeserializeOwned,
+{
+    if let Some(content_type) = request.headers().get(header::CONTENT_TYPE)
+        && !is_json(content_type)
+    {
+        return Err(GatewayError::new(
+            ErrorCode::UnsupportedMediaType,
+            "registry requests take Content-Type: application/json",
+        ));
+    }
+    // The body's size hint carries its Content-Length.
+    let declared = request.body().size_hint().exact();
+    if declared.is_some_and(|len| len > MAX_REGISTRY_BODY as u64) {
+        return Err(body_too_large());
+    }
+    let bytes = match body::collect_capped(request.into_body(), MAX_REGISTRY_BODY).await {
+        Ok(bytes) => bytes,
+        Err(CollectError::TooLarge) => return Err(body_too_large()),
+        Err(CollectError::Broken(e)) => return Err(ClientFault::of(&*e).into_error()),
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(GatewayError::new(
+            ErrorCode::InvalidJson,
+            "the request body is empty; expected a JSON object",
+        ));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| GatewayError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}")))
 }
 
 fn is_json(content_type: &HeaderValue) -> bool {

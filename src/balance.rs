@@ -23,7 +23,9 @@ const DRAWS: usize = 4;
 
 /// Whether `instance` may take a request at `now`.
 pub fn routable(instance: &Instance, now: Instant) -> bool {
-    instance.status() != HealthStatus::Unhealthy && instance.breaker().would_admit(now)
+    !instance.is_draining()
+        && instance.status() != HealthStatus::Unhealthy
+        && instance.breaker().would_admit(now)
 }
 
 /// A uniformly random routable instance not excluded, or `None`.

@@ -31,6 +31,7 @@ pub struct Config {
     pub load_balancer: LoadBalancerConfig,
     pub limits: LimitsConfig,
     pub upstreams: UpstreamsConfig,
+    pub registry: RegistryConfig,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<StaticService>,
 }
@@ -108,6 +109,9 @@ pub struct HealthCheckConfig {
     pub unhealthy_threshold: u32,
     /// Consecutive passes that take an instance to `healthy`.
     pub healthy_threshold: u32,
+    /// An instance unhealthy for this long is removed; zero: never.
+    #[serde(with = "humantime_serde")]
+    pub deregister_after: Duration,
 }
 
 impl Default for HealthCheckConfig {
@@ -118,6 +122,7 @@ impl Default for HealthCheckConfig {
             path: "/health".into(),
             unhealthy_threshold: 3,
             healthy_threshold: 1,
+            deregister_after: Duration::ZERO,
         }
     }
 }
@@ -288,6 +293,43 @@ impl Default for UpstreamsConfig {
                 .iter()
                 .map(|net| net.parse().expect("the default deny list is valid CIDR"))
                 .collect(),
+        }
+    }
+}
+
+/// Where registrations are kept (SPEC §7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub store: StoreKind,
+    /// `store = "file"`: the one file that holds every registration.
+    pub path: PathBuf,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Memory,
+            path: PathBuf::from("switchyard.db"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// In memory only: a restart forgets every registration.
+    #[default]
+    Memory,
+    /// One crash-safe file: a write is acknowledged once it is on disk.
+    File,
+}
+
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::File => "file",
         }
     }
 }
@@ -483,6 +525,13 @@ impl Config {
         validate_breaker(&self.circuit_breaker, "circuit_breaker")?;
         validate_retry(&self.retry, "retry")?;
 
+        if self.registry.store == StoreKind::File && self.registry.path.as_os_str().is_empty() {
+            return Err(invalid(
+                "registry.path",
+                "must name a file when store = \"file\"",
+            ));
+        }
+
         let l = &self.limits;
         in_range("limits.max_connections", l.max_connections, 1, 1_000_000)?;
         positive("limits.header_read_timeout", l.header_read_timeout, HOUR)?;
@@ -573,6 +622,15 @@ impl Config {
         let mut out = format!("# effective configuration, from {source}\n\n");
         out.push_str(&self.to_toml());
         out.push_str("\n# derived figures\n");
+        out.push_str(&match self.registry.store {
+            StoreKind::Memory => {
+                "# registry store: memory (a restart forgets every registration)\n".to_string()
+            }
+            StoreKind::File => format!(
+                "# registry store: file {} (a write is acknowledged once it is on disk)\n",
+                self.registry.path.display()
+            ),
+        });
         let mut figures = |label: &str, policy: &ServicePolicy| {
             let h = &policy.health_check;
             if h.interval.is_zero() {
@@ -683,6 +741,11 @@ fn validate_health(h: &HealthCheckConfig, section: &str) -> Result<(), ConfigErr
         h.healthy_threshold,
         1,
         1000,
+    )?;
+    at_most(
+        &format!("{section}.deregister_after"),
+        h.deregister_after,
+        Duration::from_secs(30 * 86_400),
     )
 }
 

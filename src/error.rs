@@ -34,6 +34,7 @@ pub enum ErrorCode {
     UpstreamUnreachable,
     UpstreamError,
     NoHealthyInstance,
+    StoreUnavailable,
     CircuitOpen,
     UpstreamTimeout,
     LoopDetected,
@@ -62,6 +63,7 @@ impl ErrorCode {
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamError => "upstream_error",
             Self::NoHealthyInstance => "no_healthy_instance",
+            Self::StoreUnavailable => "store_unavailable",
             Self::CircuitOpen => "circuit_open",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::LoopDetected => "loop_detected",
@@ -88,7 +90,9 @@ impl ErrorCode {
             Self::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
-            Self::NoHealthyInstance | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoHealthyInstance | Self::StoreUnavailable | Self::CircuitOpen => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::LoopDetected => StatusCode::LOOP_DETECTED,
         }

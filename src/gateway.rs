@@ -7,13 +7,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::error::GatewayError;
 use crate::proxy::Proxy;
+use crate::registry::store::{self, StoreError};
 use crate::registry::{HealthChecker, Registry};
 
 pub struct Gateway {
     config: Arc<Config>,
-    registry: Registry,
+    registry: Arc<Registry>,
     proxy: Proxy,
     background: CancellationToken,
     /// One permit per client connection allowed (`limits.max_connections`).
@@ -21,24 +21,28 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the gateway and registers the static `[[services]]`; their
-    /// first health checks start at once, so this needs a Tokio runtime.
-    /// `config` must have been validated.
-    pub fn new(config: Config) -> Result<Arc<Self>, GatewayError> {
-        Self::build(config, None)
+    /// Builds the gateway: opens the registry's store and loads what it
+    /// holds, and registers the static `[[services]]`; their first health
+    /// checks start at once, so this needs a Tokio runtime. `config` must
+    /// have been validated. A store that cannot be opened or read is an
+    /// error naming the file and the problem: the gateway never starts
+    /// empty in silence.
+    pub async fn new(config: Config) -> Result<Arc<Self>, StoreError> {
+        Self::build(config, None).await
     }
 
     /// As [`Gateway::new`], with the proxy's random picks drawn from a
     /// generator seeded with `seed`, so a test can repeat them.
-    pub fn with_seed(config: Config, seed: u64) -> Result<Arc<Self>, GatewayError> {
-        Self::build(config, Some(seed))
+    pub async fn with_seed(config: Config, seed: u64) -> Result<Arc<Self>, StoreError> {
+        Self::build(config, Some(seed)).await
     }
 
-    fn build(config: Config, seed: Option<u64>) -> Result<Arc<Self>, GatewayError> {
+    async fn build(config: Config, seed: Option<u64>) -> Result<Arc<Self>, StoreError> {
+        let store = store::open(&config.registry)?;
         let config = Arc::new(config);
         let background = CancellationToken::new();
         let checker = HealthChecker::new(background.clone());
-        let registry = Registry::new(config.clone(), checker);
+        let registry = Arc::new(Registry::with_store(config.clone(), checker, store));
         let proxy = Proxy::new(&config, seed);
         let connection_slots = Arc::new(Semaphore::new(config.limits.max_connections as usize));
         let gateway = Arc::new(Self {
@@ -48,7 +52,7 @@ impl Gateway {
             background,
             connection_slots,
         });
-        if let Err(e) = gateway.registry.register_static() {
+        if let Err(e) = gateway.registry.start().await {
             gateway.stop_background();
             return Err(e);
         }
@@ -59,7 +63,7 @@ impl Gateway {
         &self.config
     }
 
-    pub fn registry(&self) -> &Registry {
+    pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
 

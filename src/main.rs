@@ -121,10 +121,11 @@ fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
     // The upstream policy refuses the gateway's own address: the real one.
     config.gateway.listen = local;
     let name = config.gateway.name.clone();
-    let gateway = match main.block_on(async { Gateway::new(config) }) {
+    let gateway = match main.block_on(Gateway::new(config)) {
         Ok(gateway) => gateway,
         Err(e) => {
-            tracing::error!(error = %e, "cannot register the static services");
+            tracing::error!(error = %e, "cannot start the registry");
+            eprintln!("switchyard: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -144,6 +145,7 @@ fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
         %name,
         workers = threads.len() + 1,
         batched_writes = switchyard::write_batch::batch_writes(),
+        store = %gateway.registry().store_description(),
         config = %source,
         "switchyard listening"
     );

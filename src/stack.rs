@@ -169,10 +169,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = ready!(this.inner.poll(cx))?;
-        if let Some(id) = this.id.take() {
-            if let header::Entry::Vacant(vacant) = response.headers_mut().entry(&X_REQUEST_ID) {
-                vacant.insert(id);
-            }
+        if let Some(id) = this.id.take()
+            && let header::Entry::Vacant(vacant) = response.headers_mut().entry(&X_REQUEST_ID)
+        {
+            vacant.insert(id);
         }
         Poll::Ready(Ok(response))
     }

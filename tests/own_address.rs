@@ -46,7 +46,7 @@ impl WildcardGateway {
         } else {
             "::1".parse().unwrap()
         };
-        let gateway = Gateway::new(config).expect("gateway starts");
+        let gateway = Gateway::new(config).await.expect("gateway starts");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, gateway.clone(), async {
             let _ = stopped.await;

@@ -142,6 +142,8 @@ pub struct Health {
 struct HealthInner {
     tracker: HealthTracker,
     last_ping: Option<SystemTime>,
+    /// When the instance last became unhealthy, while it is.
+    unhealthy_since: Option<SystemTime>,
 }
 
 impl Health {
@@ -152,6 +154,13 @@ impl Health {
     /// The last successful check.
     pub fn last_ping(&self) -> Option<SystemTime> {
         self.lock().last_ping
+    }
+
+    /// Whether the instance has been unhealthy for at least `span` at `now`.
+    pub fn unhealthy_for(&self, span: std::time::Duration, now: SystemTime) -> bool {
+        self.lock()
+            .unhealthy_since
+            .is_some_and(|since| since + span <= now)
     }
 
     /// Records a check made at `at`; returns the flip, if any.
@@ -169,6 +178,14 @@ impl Health {
         let flip = inner
             .tracker
             .record(passed, healthy_threshold, unhealthy_threshold);
+        match flip {
+            Some(Flip {
+                to: HealthStatus::Unhealthy,
+                ..
+            }) => inner.unhealthy_since = Some(at),
+            Some(_) => inner.unhealthy_since = None,
+            None => {}
+        }
         self.status
             .store(inner.tracker.status().to_u8(), Ordering::Relaxed);
         flip

@@ -3,10 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
+
+use tokio::time::Instant;
 
 use super::health::{Health, HealthStatus};
 use super::validate::InstanceUrl;
@@ -18,6 +21,17 @@ use crate::upstream::{AttemptTimeout, AttemptTimeoutLayer, Pool, PoolService};
 /// each attempt calls a clone, which costs reference counts only.
 pub type InstanceStack = CircuitBreaker<AttemptTimeout<PoolService>>;
 
+/// What was registered of an instance.
+#[derive(Debug)]
+pub(super) struct Registered {
+    pub id: Arc<str>,
+    pub service: Arc<str>,
+    pub url: InstanceUrl,
+    pub metadata: BTreeMap<String, String>,
+    pub at: SystemTime,
+    pub ttl: Option<Duration>,
+}
+
 #[derive(Debug)]
 pub struct Instance {
     id: Arc<str>,
@@ -27,6 +41,13 @@ pub struct Instance {
     url: InstanceUrl,
     metadata: BTreeMap<String, String>,
     registered_at: SystemTime,
+    /// The instance must renew within this long (SPEC §7).
+    ttl: Option<Duration>,
+    /// When its TTL runs out, in milliseconds since [`epoch`]; shared by
+    /// every snapshot, like the live state below.
+    deadline: Arc<AtomicU64>,
+    /// Taken out of rotation by an operator: no new requests.
+    draining: Arc<AtomicBool>,
     health: Arc<Health>,
     breaker: Arc<Breaker>,
     /// Calls the instance: the breaker above, over keep-alive connections
@@ -40,14 +61,19 @@ pub struct Instance {
 
 impl Instance {
     pub(super) fn new(
-        id: Arc<str>,
-        service: Arc<str>,
-        url: InstanceUrl,
-        metadata: BTreeMap<String, String>,
+        registered: Registered,
         breaker: Breaker,
         pools: Arc<[Arc<Pool>]>,
         stop: CancellationToken,
     ) -> Self {
+        let Registered {
+            id,
+            service,
+            url,
+            metadata,
+            at: registered_at,
+            ttl,
+        } = registered;
         let breaker = Arc::new(breaker);
         let stack = tower::ServiceBuilder::new()
             .layer(CircuitBreakerLayer::new(breaker.clone()))
@@ -60,7 +86,10 @@ impl Instance {
             service,
             url,
             metadata,
-            registered_at: SystemTime::now(),
+            registered_at,
+            ttl,
+            deadline: Arc::default(),
+            draining: Arc::default(),
             health: Arc::default(),
             breaker,
             stack,
@@ -68,8 +97,13 @@ impl Instance {
         }
     }
 
-    /// The same instance with new metadata: live state and checker carry over.
-    pub(super) fn with_metadata(&self, metadata: BTreeMap<String, String>) -> Self {
+    /// The same instance registered again with new metadata and TTL: live
+    /// state and checker carry over.
+    pub(super) fn with_registration(
+        &self,
+        metadata: BTreeMap<String, String>,
+        ttl: Option<Duration>,
+    ) -> Self {
         Self {
             id: self.id.clone(),
             id_header: self.id_header.clone(),
@@ -77,6 +111,9 @@ impl Instance {
             url: self.url.clone(),
             metadata,
             registered_at: self.registered_at,
+            ttl,
+            deadline: self.deadline.clone(),
+            draining: self.draining.clone(),
             health: self.health.clone(),
             breaker: self.breaker.clone(),
             stack: self.stack.clone(),
@@ -86,6 +123,41 @@ impl Instance {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    pub(super) fn id_name(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    pub(super) fn service_name(&self) -> &Arc<str> {
+        &self.service
+    }
+
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl
+    }
+
+    /// Restarts the TTL from `now`; the new deadline, if it has a TTL.
+    pub(super) fn renew(&self, now: Instant) -> Option<Instant> {
+        let deadline = now + self.ttl?;
+        let ms = deadline.saturating_duration_since(epoch()).as_millis() as u64;
+        self.deadline.store(ms, Ordering::Relaxed);
+        Some(deadline)
+    }
+
+    /// Whether its TTL has run out at `now`.
+    pub(super) fn expired(&self, now: Instant) -> bool {
+        self.ttl.is_some()
+            && epoch() + Duration::from_millis(self.deadline.load(Ordering::Relaxed)) <= now
+    }
+
+    /// Whether an operator took it out of rotation.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
     }
 
     pub fn id_header(&self) -> &HeaderValue {
@@ -133,4 +205,10 @@ impl Instance {
     pub(super) fn stop_token(&self) -> &CancellationToken {
         &self.stop
     }
+}
+
+/// The instant TTL deadlines are counted from: the first time one is asked.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }

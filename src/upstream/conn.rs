@@ -303,12 +303,12 @@ impl UpstreamBody {
 
     fn finish(&mut self) {
         self.decoder = Decoder::Done;
-        if let Some(conn) = self.conn.take() {
-            if self.reusable && conn.read.is_empty() {
-                if let Some(pool) = &self.pool {
-                    pool.checkin(conn);
-                }
-            }
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.read.is_empty()
+            && let Some(pool) = &self.pool
+        {
+            pool.checkin(conn);
         }
     }
 }

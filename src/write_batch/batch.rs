@@ -222,11 +222,11 @@ impl Batch {
         self.ring = ring.send_all(&mut outgoing).ok();
         let mut done = outgoing.drain(..);
         for &index in chunk {
-            if let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) {
-                if let Some(write) = done.next() {
-                    slot.buf = write.buf;
-                    slot.sent = write.sent;
-                }
+            if let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut)
+                && let Some(write) = done.next()
+            {
+                slot.buf = write.buf;
+                slot.sent = write.sent;
             }
         }
         drop(done);

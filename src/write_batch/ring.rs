@@ -92,14 +92,14 @@ impl Ring {
         }
         while left > 0 {
             self.submissions += 1;
-            if let Err(e) = self.ring.submit_and_wait(left) {
-                if !matches!(
+            if let Err(e) = self.ring.submit_and_wait(left)
+                && !matches!(
                     e.raw_os_error(),
                     Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                ) {
-                    abandon(self, writes, e);
-                    return Err(());
-                }
+                )
+            {
+                abandon(self, writes, e);
+                return Err(());
             }
             for done in self.ring.completion() {
                 let result = done.result();

@@ -196,16 +196,16 @@ async fn warm(addr: SocketAddr, request: Request<AnyBody>) -> Result<Response<In
     // What the legacy client does for HTTP/1: origin-form target, and the
     // authority in Host unless the request brings its own.
     let (mut parts, body) = request.into_parts();
-    if let Some(authority) = parts.uri.authority().cloned() {
-        if !parts.headers.contains_key(http::header::HOST) {
-            parts.headers.insert(
-                http::header::HOST,
-                authority
-                    .as_str()
-                    .parse()
-                    .expect("an authority is a valid Host"),
-            );
-        }
+    if let Some(authority) = parts.uri.authority().cloned()
+        && !parts.headers.contains_key(http::header::HOST)
+    {
+        parts.headers.insert(
+            http::header::HOST,
+            authority
+                .as_str()
+                .parse()
+                .expect("an authority is a valid Host"),
+        );
     }
     parts.uri = parts
         .uri
@@ -437,8 +437,8 @@ impl TestGateway {
         // outside the upstream policy).
         config.gateway.listen = addr;
         let gateway = match seed {
-            Some(seed) => Gateway::with_seed(config, seed),
-            None => Gateway::new(config),
+            Some(seed) => Gateway::with_seed(config, seed).await,
+            None => Gateway::new(config).await,
         }
         .expect("gateway starts");
         let (stop, stopped) = oneshot::channel::<()>();

@@ -1,0 +1,91 @@
+//! Where registrations are kept (SPEC §7): behind one [`RegistryStore`],
+//! in memory only or in one crash-safe file.
+//!
+//! The in-memory registry stays the read path: lookups never touch a
+//! store. A store sees only writes, as batches of [`Change`]s that the
+//! registry's writer commits together (group commit), and it is read once,
+//! at start ([`RegistryStore::load`]). A write is acknowledged to its
+//! client only after [`RegistryStore::commit`] has returned: with the file
+//! store, once it is on disk.
+//!
+//! What is stored of an instance is what was registered ([`Record`]): its
+//! URL, metadata, TTL and drain state. Health, circuit and TTL deadlines
+//! are live state: after a restart every instance starts `unknown`,
+//! circuit `closed`, checked at once, and each TTL runs from the load.
+
+mod file;
+mod memory;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{RegistryConfig, StoreKind};
+pub use file::FileStore;
+pub use memory::MemoryStore;
+
+/// One instance as a store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub service: String,
+    pub id: String,
+    pub url: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// When the instance was first registered, in milliseconds since the
+    /// Unix epoch.
+    pub registered_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}
+
+/// One change to the stored registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The instance, as it now is (added or replaced).
+    Put(Record),
+    /// The instance is gone.
+    Delete { service: String, id: String },
+}
+
+/// Why a store could not be opened, read or written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A future a store returns: boxed, so the trait stays object-safe.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Where registrations are kept.
+pub trait RegistryStore: Send + Sync + 'static {
+    /// What it is, for logs and `check-config` (`file switchyard.db`).
+    fn describe(&self) -> String;
+
+    /// Every stored instance, in no particular order. Called once, at start.
+    fn load(&self) -> StoreFuture<'_, Vec<Record>>;
+
+    /// Makes `changes` durable, in their order, as one unit: when this
+    /// returns `Ok`, all of them survive a crash; on `Err`, none is
+    /// acknowledged.
+    fn commit(&self, changes: Vec<Change>) -> StoreFuture<'_, ()>;
+}
+
+/// Opens the store `config` names. The error names the file and what is
+/// wrong with it.
+pub fn open(config: &RegistryConfig) -> Result<Box<dyn RegistryStore>, StoreError> {
+    match config.store {
+        StoreKind::Memory => Ok(Box::new(MemoryStore)),
+        StoreKind::File => Ok(Box::new(FileStore::open(&config.path)?)),
+    }
+}

@@ -1,0 +1,246 @@
+//! The registry's one writer: every change goes through it, in order, and
+//! is acknowledged only once its store has committed it (SPEC §7).
+//!
+//! A write (registration, heartbeat, drain, removal, and the registry's
+//! own expiries) is queued with a channel for its answer. Whoever then
+//! holds the writer's lock takes every write queued so far as one batch:
+//! it checks each against the registry as it is plus the batch's earlier
+//! writes, commits all their changes to the store in one transaction
+//! (group commit: a hundred concurrent registrations cost one fsync), then
+//! applies them to the in-memory registry in the same order and answers
+//! each. A write refused (bad input, a limit) changes nothing; a store
+//! that fails the commit gets every write of the batch a 503
+//! `store_unavailable`, and nothing of it is applied, so what the
+//! registry shows is always what the store holds.
+//!
+//! The batch runs in a task of its own: a client that goes away while its
+//! write is being committed cannot leave the batch half done.
+//!
+//! Two writes of one batch that touch the same instance (or a service and
+//! one of its instances) would have to see each other's effect before
+//! either is applied; rather than model that, the second one waits for
+//! the next batch. Bulk registration of distinct instances, the case group
+//! commit is for, never splits.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::oneshot;
+
+use super::store::Change;
+use super::{Instance, Registered, Registration, Registry};
+use crate::error::{ErrorCode, GatewayError};
+
+/// A change to the registry.
+#[derive(Debug)]
+pub enum Write {
+    Register(Registration),
+    /// Renews an instance's TTL.
+    Heartbeat {
+        service: String,
+        id: String,
+    },
+    /// Takes an instance out of rotation (`draining`) or back in.
+    SetState {
+        service: String,
+        id: String,
+        draining: bool,
+    },
+    RemoveInstance {
+        service: String,
+        id: String,
+    },
+    RemoveService {
+        service: String,
+    },
+    /// The instance's TTL ran out (unless a heartbeat renewed it since).
+    Expire {
+        service: Arc<str>,
+        id: Arc<str>,
+    },
+    /// The instance has been unhealthy for `deregister_after` (unless it
+    /// has recovered since).
+    RemoveUnhealthy {
+        service: Arc<str>,
+        id: Arc<str>,
+    },
+}
+
+/// What a write did.
+#[derive(Debug)]
+pub enum Written {
+    Registered(Registered),
+    /// The instance as it now is (heartbeat, drain).
+    Instance(Arc<Instance>),
+    Removed,
+    /// Nothing was left to do (an expiry a heartbeat overtook).
+    Nothing,
+}
+
+type Reply = oneshot::Sender<Result<Written, GatewayError>>;
+
+/// The queue of writes and the lock of the batch in progress.
+#[derive(Debug, Default)]
+pub struct Writer {
+    queue: Mutex<Vec<(Write, Reply)>>,
+    batch: tokio::sync::Mutex<()>,
+}
+
+/// What one write will do, decided before anything is committed.
+#[derive(Debug)]
+pub(super) enum Plan {
+    Refused(GatewayError),
+    /// It touches what an earlier write of this batch touches: next batch.
+    Later,
+    /// Nothing to commit or apply.
+    Nothing,
+    Do {
+        changes: Vec<Change>,
+        apply: Apply,
+    },
+}
+
+/// What one write does to the in-memory registry once committed.
+#[derive(Debug)]
+pub(super) enum Apply {
+    Put {
+        record: super::store::Record,
+        created: bool,
+    },
+    Renew(Arc<Instance>),
+    Drain(Arc<Instance>, super::store::Record),
+    Remove {
+        service: Arc<str>,
+        id: Arc<str>,
+    },
+    RemoveService(Arc<str>),
+}
+
+/// What the writes planned so far in a batch touch.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    instances: HashSet<(String, String)>,
+    services: HashSet<String>,
+    /// Instances the batch creates, registry-wide and per service.
+    pub created: usize,
+    pub created_in: HashMap<String, usize>,
+}
+
+impl Batch {
+    /// Claims the instance `(service, id)` for this batch; false if an
+    /// earlier write of it touched the instance or its whole service.
+    pub fn claim(&mut self, service: &str, id: &str) -> bool {
+        !self.services.contains(service)
+            && self.instances.insert((service.to_string(), id.to_string()))
+    }
+
+    /// Claims the whole service; false if this batch touched it already.
+    pub fn claim_service(&mut self, service: &str) -> bool {
+        !self.services.contains(service)
+            && !self.instances.iter().any(|(s, _)| s == service)
+            && self.services.insert(service.to_string())
+    }
+}
+
+impl Registry {
+    /// Makes `write`, and answers once it is committed to the store and
+    /// applied.
+    pub async fn write(self: &Arc<Self>, write: Write) -> Result<Written, GatewayError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((write, reply));
+        let registry = self.clone();
+        tokio::spawn(async move {
+            let _batch = registry.writer.batch.lock().await;
+            let queued = std::mem::take(
+                &mut *registry
+                    .writer
+                    .queue
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            if !queued.is_empty() {
+                registry.run(queued).await;
+            }
+        });
+        answer.await.unwrap_or_else(|_| {
+            Err(GatewayError::new(
+                ErrorCode::StoreUnavailable,
+                "the registry's writer stopped before answering",
+            ))
+        })
+    }
+
+    /// Commits and applies `queued`, in batches that never touch one
+    /// instance twice.
+    async fn run(&self, queued: Vec<(Write, Reply)>) {
+        let mut pending: VecDeque<_> = queued.into();
+        while !pending.is_empty() {
+            let mut batch = Batch::default();
+            let mut changes = Vec::new();
+            let mut planned = Vec::new();
+            while let Some((write, reply)) = pending.pop_front() {
+                match self.plan(&write, &mut batch) {
+                    Plan::Later => {
+                        pending.push_front((write, reply));
+                        break;
+                    }
+                    Plan::Refused(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                    Plan::Nothing => {
+                        let _ = reply.send(Ok(Written::Nothing));
+                    }
+                    Plan::Do {
+                        changes: more,
+                        apply,
+                    } => {
+                        changes.extend(more);
+                        planned.push((apply, reply));
+                    }
+                }
+            }
+            if !changes.is_empty()
+                && let Err(error) = self.store.commit(changes).await
+            {
+                tracing::error!(%error, "registry store: commit failed; the writes were refused");
+                for (_, reply) in planned {
+                    let _ = reply.send(Err(GatewayError::new(
+                        ErrorCode::StoreUnavailable,
+                        format!("the registry store could not take the write: {error}"),
+                    )));
+                }
+                continue;
+            }
+            for (apply, reply) in planned {
+                let _ = reply.send(Ok(self.apply(apply)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_claims_each_instance_and_service_once() {
+        let mut batch = Batch::default();
+        assert!(batch.claim("a", "1"));
+        assert!(batch.claim("a", "2"));
+        assert!(!batch.claim("a", "1"), "the same instance twice");
+        assert!(
+            !batch.claim_service("a"),
+            "a service one of whose instances is in it"
+        );
+        assert!(batch.claim_service("b"));
+        assert!(
+            !batch.claim("b", "1"),
+            "an instance of a service removed in it"
+        );
+        assert!(!batch.claim_service("b"));
+    }
+}
