@@ -1,7 +1,11 @@
 //! The registry at scale, through the real gateway binary:
 //!
 //! - registering 100 000 instances (10 000 services × 10) over the REST API,
-//!   with health checks off and with the default 30 s checks;
+//!   16 client connections: in memory and on the file store with health
+//!   checks off, in memory with the default 30 s checks, and in memory with
+//!   a TTL on each (what the TTL wheel costs in memory);
+//! - one registration at a time on one connection, in memory and on the
+//!   file store: the latency a durable acknowledgement adds;
 //! - proxying with those 100 000 instances registered against a gateway
 //!   holding one service of 10 instances (the lookup must not care).
 //!
@@ -11,7 +15,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{GatewayProcess, Upstreams, load, register_all, row};
+use support::{GatewayProcess, Upstreams, load, register_all, register_bodies, row};
 
 const SERVICES: usize = 10_000;
 const PER_SERVICE: usize = 10;
@@ -31,6 +35,46 @@ fn registrations(upstreams: &Upstreams, services: usize) -> Vec<(String, String,
     all
 }
 
+/// The same registrations as JSON bodies, each with `extra` fields.
+fn bodies(upstreams: &Upstreams, services: usize, extra: &str) -> Vec<String> {
+    registrations(upstreams, services)
+        .into_iter()
+        .map(|(name, url, id)| format!(r#"{{"name":"{name}","url":"{url}","id":"{id}"{extra}}}"#))
+        .collect()
+}
+
+/// A file store's path for one gateway, removed (with redb's side files)
+/// when dropped.
+struct StoreFile(std::path::PathBuf);
+
+impl StoreFile {
+    fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "switchyard-bench-store-{tag}-{}.db",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        Self(path)
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[registry]\nstore = \"file\"\npath = \"{}\"\n",
+            self.0.display()
+        )
+    }
+}
+
+impl Drop for StoreFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
 fn main() {
     let Some(seconds) = support::seconds() else {
         return;
@@ -43,18 +87,52 @@ fn main() {
     println!(
         "registry scale: {total} instances ({SERVICES} services x {PER_SERVICE}), 16 client connections"
     );
-    for (label, checks) in [
-        ("health checks off", "0s"),
-        ("health checks every 30s", "30s"),
+    let file = StoreFile::new("bulk");
+    let mut rss_without_ttl = 0;
+    for (label, config, extra) in [
+        ("memory, health checks off", String::new(), ""),
+        ("file store, health checks off", file.config(), ""),
+        ("memory, health checks every 30s", String::new(), ""),
+        (
+            "memory, health checks off, ttl 1h",
+            String::new(),
+            r#","ttl":"1h""#,
+        ),
     ] {
-        let gateway = GatewayProcess::start(&format!("[health_check]\ninterval = \"{checks}\"\n"));
-        let took = register_all(gateway.addr, registrations(&upstreams, SERVICES), 16);
+        let checks = if label.contains("30s") { "30s" } else { "0s" };
+        let gateway = GatewayProcess::start(&format!(
+            "[health_check]\ninterval = \"{checks}\"\n{config}"
+        ));
+        let (took, _) = register_bodies(gateway.addr, bodies(&upstreams, SERVICES, extra), 16);
         let (rss, _) = gateway.memory_kib();
         println!(
             "register {total} instances, {label}: {:.2} s ({:.0}/s), RSS after {:.1} MB",
             took.as_secs_f64(),
             total as f64 / took.as_secs_f64(),
             rss as f64 / 1024.0
+        );
+        if label == "memory, health checks off" {
+            rss_without_ttl = rss;
+        } else if !extra.is_empty() {
+            println!(
+                "  the TTLs of {total} instances cost {:.1} MB",
+                (rss as f64 - rss_without_ttl as f64) / 1024.0
+            );
+        }
+    }
+
+    println!();
+    println!("one registration at a time, one connection, 2 000 registrations");
+    let file = StoreFile::new("single");
+    for (label, config) in [("memory", String::new()), ("file store", file.config())] {
+        let gateway =
+            GatewayProcess::start(&format!("[health_check]\ninterval = \"0s\"\n{config}"));
+        let (_, mut latencies) = register_bodies(gateway.addr, bodies(&upstreams, 200, ""), 1);
+        latencies.sort();
+        println!(
+            "{label:>10}: median {:>7.0} µs, p99 {:>7.0} µs",
+            percentile(&latencies, 0.5).as_secs_f64() * 1e6,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e6,
         );
     }
 

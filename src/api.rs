@@ -13,12 +13,14 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::balance::{self, Explained};
 use crate::body::{self, Body, CollectError};
 use crate::breaker::CircuitState;
 use crate::error::{ErrorCode, GatewayError};
 use crate::outcome::ClientFault;
 use crate::registry::{
-    HealthStatus, Instance, Registered, Registration, Registry, ServiceEntry, Write, Written,
+    CheckResult, HealthStatus, Instance, InstanceState, LastCheck, Registered, Registration,
+    Registry, ServiceEntry, Write, Written,
 };
 
 /// Registry request bodies larger than this get 413.
@@ -104,16 +106,16 @@ where
         [name, "instances", id, "state"] if method == Method::PUT => {
             let (service, id) = (name.to_string(), id.to_string());
             let body: StateBody = read_json(request).await?;
-            let draining = match body.state.as_str() {
-                "draining" => true,
-                "active" => false,
-                other => {
-                    return Err(GatewayError::new(
-                        ErrorCode::InvalidJson,
-                        format!("\"state\" must be \"draining\" or \"active\", got {other:?}"),
-                    ));
-                }
+            let Some(state) = body.state.as_str().and_then(InstanceState::parse) else {
+                return Err(GatewayError::new(
+                    ErrorCode::InvalidJson,
+                    format!(
+                        "\"state\" must be \"draining\" or \"active\", got {}",
+                        body.state
+                    ),
+                ));
             };
+            let draining = state == InstanceState::Draining;
             let written = registry
                 .write(Write::SetState {
                     service,
@@ -181,14 +183,16 @@ struct RegisterBody {
     id: Option<String>,
     #[serde(default)]
     metadata: Option<BTreeMap<String, String>>,
-    /// A duration string, 1 s to 1 h.
+    /// A duration string, 1 s to 1 h; taken as any JSON value so that a
+    /// wrong type gets the same message naming the field.
     #[serde(default)]
-    ttl: Option<String>,
+    ttl: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
 struct StateBody {
-    state: String,
+    #[serde(default)]
+    state: serde_json::Value,
 }
 
 /// The shortest and longest TTL a registration may ask for.
@@ -204,14 +208,14 @@ where
     B::Error: Into<crate::body::BoxError>,
 {
     let parsed: RegisterBody = read_json(request).await?;
-    let ttl = match parsed.ttl.as_deref() {
-        None => None,
-        Some(text) => match humantime::parse_duration(text) {
-            Ok(ttl) if TTL_RANGE.contains(&ttl) => Some(ttl),
+    let ttl = match &parsed.ttl {
+        None | Some(serde_json::Value::Null) => None,
+        Some(value) => match value.as_str().map(humantime::parse_duration) {
+            Some(Ok(ttl)) if TTL_RANGE.contains(&ttl) => Some(ttl),
             _ => {
                 return Err(GatewayError::new(
                     ErrorCode::InvalidJson,
-                    format!("\"ttl\" must be a duration from 1s to 1h (\"15s\"), got {text:?}"),
+                    format!("\"ttl\" must be a duration from 1s to 1h (\"15s\"), got {value}"),
                 ));
             }
         },
@@ -350,7 +354,10 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// An instance as the API shows it (SPEC §3).
+/// An instance as the API shows it (SPEC §3, §7): what was registered, its
+/// health and circuit, and whether it takes new requests and why not. All
+/// of it is read once per instance ([`balance::explain`]), so the fields
+/// agree with each other.
 #[derive(Serialize)]
 struct InstanceView<'a> {
     id: &'a str,
@@ -362,45 +369,101 @@ struct InstanceView<'a> {
     metadata: &'a BTreeMap<String, String>,
     circuit: CircuitState,
     consecutive_failures: u32,
+    state: InstanceState,
+    routable: bool,
+    /// `None` (JSON `null`) when routable, else one sentence.
+    reason: Option<String>,
+    last_check: Option<LastCheckView>,
 }
 
-impl<'a> InstanceView<'a> {
-    fn of(instance: &'a Instance) -> Self {
-        let (circuit, consecutive_failures) = instance.breaker().snapshot();
+/// `{"at", "ok", "status" | "error", "duration_ms"}`: `status` when an HTTP
+/// answer came, `error` when none did; the other key is absent.
+#[derive(Serialize)]
+struct LastCheckView {
+    at: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    duration_ms: u64,
+}
+
+impl LastCheckView {
+    fn of(check: &LastCheck) -> Self {
+        let (status, error) = match &check.result {
+            CheckResult::Status(status) => (Some(*status), None),
+            CheckResult::Error(error) => (None, Some(error.to_string())),
+        };
         Self {
-            id: instance.id(),
-            service: instance.service(),
-            url: instance.url().as_str(),
-            status: instance.status(),
-            last_ping: instance.health().last_ping().map(rfc3339),
-            registered_at: rfc3339(instance.registered_at()),
-            metadata: instance.metadata(),
-            circuit,
-            consecutive_failures,
+            at: rfc3339(check.at),
+            ok: check.ok,
+            status,
+            error,
+            duration_ms: u64::try_from(check.duration.as_millis()).unwrap_or(u64::MAX),
         }
     }
 }
 
-/// A service as the API shows it; its status is derived from the instance
-/// views it carries, so the two always agree.
+impl<'a> InstanceView<'a> {
+    fn of(instance: &'a Instance) -> Self {
+        Self::at(instance, Instant::now(), SystemTime::now())
+    }
+
+    /// The view as of `now`, which is `wall` on the wall clock.
+    fn at(instance: &'a Instance, now: Instant, wall: SystemTime) -> Self {
+        let explained = balance::explain(instance, now);
+        let reason = explained.reason(wall);
+        let Explained {
+            state,
+            health,
+            circuit,
+            routability,
+            ..
+        } = explained;
+        Self {
+            id: instance.id(),
+            service: instance.service(),
+            url: instance.url().as_str(),
+            status: health.status,
+            last_ping: health.last_ping.map(rfc3339),
+            registered_at: rfc3339(instance.registered_at()),
+            metadata: instance.metadata(),
+            circuit: circuit.state,
+            consecutive_failures: circuit.consecutive_failures,
+            state,
+            routable: routability.is_ok(),
+            reason,
+            last_check: health.last_check.as_ref().map(LastCheckView::of),
+        }
+    }
+}
+
+/// A service as the API shows it; its status and its count of routable
+/// instances are derived from the instance views it carries, so they
+/// always agree.
 #[derive(Serialize)]
 struct ServiceView<'a> {
     name: &'a str,
     status: HealthStatus,
+    routable_instances: usize,
     instances: Vec<InstanceView<'a>>,
 }
 
 impl<'a> ServiceView<'a> {
     fn of(entry: &'a ServiceEntry) -> Self {
+        let (now, wall) = (Instant::now(), SystemTime::now());
         let instances: Vec<_> = entry
             .instances()
             .iter()
-            .map(|i| InstanceView::of(i))
+            .map(|i| InstanceView::at(i, now, wall))
             .collect();
         let status = HealthStatus::of_service(instances.iter().map(|i| i.status));
+        let routable_instances = instances.iter().filter(|i| i.routable).count();
         Self {
             name: entry.name(),
             status,
+            routable_instances,
             instances,
         }
     }

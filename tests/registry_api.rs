@@ -39,8 +39,13 @@ async fn register_list_get_and_delete() {
         registered_at.ends_with('Z') && registered_at.contains('T'),
         "{registered_at}"
     );
+    // SPEC §7: every instance explains whether it takes requests.
+    assert_eq!(instance["state"], "active");
+    assert_eq!(instance["routable"], true);
+    assert_eq!(instance["reason"], serde_json::Value::Null);
+    assert_eq!(instance["last_check"], serde_json::Value::Null);
     let keys: Vec<_> = instance.as_object().unwrap().keys().cloned().collect();
-    assert_eq!(keys.len(), 9, "{keys:?}");
+    assert_eq!(keys.len(), 13, "{keys:?}");
 
     // The same (name, id) again is 200 and adds nothing.
     let again = gw

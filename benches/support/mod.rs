@@ -155,20 +155,36 @@ pub fn register_all(
     registrations: Vec<(String, String, String)>,
     connections: usize,
 ) -> Duration {
+    let bodies = registrations
+        .into_iter()
+        .map(|(name, url, id)| format!(r#"{{"name":"{name}","url":"{url}","id":"{id}"}}"#))
+        .collect();
+    register_bodies(gateway, bodies, connections).0
+}
+
+/// POSTs each JSON body to `/services` over `connections` keep-alive
+/// connections at once; returns how long it all took and each
+/// registration's latency.
+pub fn register_bodies(
+    gateway: SocketAddr,
+    bodies: Vec<String>,
+    connections: usize,
+) -> (Duration, Vec<Duration>) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async move {
         let started = Instant::now();
-        let chunk = registrations.len().div_ceil(connections);
+        let chunk = bodies.len().div_ceil(connections);
         let mut tasks = Vec::new();
-        for part in registrations.chunks(chunk.max(1)) {
+        for part in bodies.chunks(chunk.max(1)) {
             let part = part.to_vec();
             tasks.push(tokio::spawn(async move {
                 let mut sender = connect(gateway).await;
-                for (name, url, id) in part {
-                    let body = format!(r#"{{"name":"{name}","url":"{url}","id":"{id}"}}"#);
+                let mut latencies = Vec::with_capacity(part.len());
+                for body in part {
+                    let sent = Instant::now();
                     let request = Request::post("/services")
                         .header("host", "bench")
                         .header("content-type", "application/json")
@@ -188,13 +204,16 @@ pub fn register_all(
                         response.status()
                     );
                     let _ = response.into_body().collect().await;
+                    latencies.push(sent.elapsed());
                 }
+                latencies
             }));
         }
+        let mut latencies = Vec::new();
         for task in tasks {
-            task.await.expect("registrations");
+            latencies.extend(task.await.expect("registrations"));
         }
-        started.elapsed()
+        (started.elapsed(), latencies)
     })
 }
 

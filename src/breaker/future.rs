@@ -7,7 +7,6 @@ use pin_project_lite::pin_project;
 
 use super::{CircuitOpen, Permit};
 use crate::body::BoxError;
-use crate::outcome::Outcome;
 
 pin_project! {
     /// The response of a call through [`super::CircuitBreaker`]: records the
@@ -57,7 +56,7 @@ where
             StateProj::Called { inner, permit } => {
                 let result = ready!(inner.poll(cx)).map_err(Into::into);
                 if let Some(permit) = permit.take() {
-                    permit.settle(Outcome::of(&result));
+                    permit.settle(&result);
                 }
                 Poll::Ready(result)
             }

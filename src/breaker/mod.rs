@@ -31,8 +31,10 @@ use crate::body::BoxError;
 pub use error::CircuitOpen;
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
-pub use shared::{Breaker, Permit};
-pub use state::{Admission, BreakerMachine, CircuitState, Refused, Transition};
+pub use shared::{Breaker, CircuitSnapshot, Permit};
+pub use state::{
+    Admission, Blocked, BreakerMachine, CircuitState, FailureCause, Refused, Transition,
+};
 
 /// Wraps `S` (the call to one instance) in that instance's circuit.
 #[derive(Debug, Clone)]
@@ -247,7 +249,7 @@ mod tests {
             std::future::pending::<Result<Response<()>, BoxError>>().await
         });
         let svc = CircuitBreakerLayer::new(b.clone()).layer(hang);
-        let _ = b.try_admit().map(Permit::failure);
+        let _ = b.try_admit().map(|p| p.failure(FailureCause::Status(500)));
         tokio::time::advance(Duration::from_secs(1)).await;
         // The caller gives up on the probe (its own timeout).
         let probe =

@@ -9,11 +9,16 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use http::Response;
 use tokio::time::Instant;
 
-use super::state::{Admission, BreakerMachine, CircuitState, Refused, Transition};
+use super::state::{
+    Admission, Blocked, BreakerMachine, CircuitState, FailureCause, Refused, Transition,
+};
+use crate::body::BoxError;
 use crate::config::CircuitBreakerConfig;
-use crate::outcome::Outcome;
+use crate::outcome::{Failure, Outcome};
+use crate::upstream::UpstreamError;
 
 #[derive(Debug)]
 pub struct Breaker {
@@ -40,9 +45,26 @@ impl Breaker {
         )
     }
 
+    /// The state, failure count and admission at `now`, read at once, for
+    /// the API: the three agree with each other.
+    pub fn snapshot_at(&self, now: Instant) -> CircuitSnapshot {
+        let machine = self.lock();
+        CircuitSnapshot {
+            state: machine.state(now),
+            consecutive_failures: machine.consecutive_failures(),
+            admission: machine.admission(now),
+        }
+    }
+
     /// Whether a request would be admitted now (takes no slot).
     pub fn would_admit(&self, now: Instant) -> bool {
         self.lock().would_admit(now)
+    }
+
+    /// Whether a request would be admitted at `now`, and why not if not
+    /// (takes no slot). The `Ok` path copies nothing out.
+    pub fn admission(&self, now: Instant) -> Result<(), Blocked> {
+        self.lock().admission(now)
     }
 
     /// How long until this circuit admits again, if it refuses now.
@@ -81,6 +103,35 @@ impl Breaker {
     }
 }
 
+/// One circuit as the API shows it, read under one lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitSnapshot {
+    pub state: CircuitState,
+    pub consecutive_failures: u32,
+    pub admission: Result<(), Blocked>,
+}
+
+impl FailureCause {
+    /// The cause of an attempt's ending that [`Outcome::of`] classified as
+    /// `outcome`, an instance failure. Only failures call this, so the
+    /// successful request pays nothing for it.
+    pub fn of<B>(outcome: Outcome, result: &Result<Response<B>, BoxError>) -> Self {
+        match outcome {
+            Outcome::Response(status) => Self::Status(status.as_u16()),
+            Outcome::Failed(Failure::Timeout) => Self::Timeout,
+            Outcome::Failed(Failure::Forbidden) => Self::Forbidden,
+            Outcome::Failed(Failure::Connect) => match result {
+                Err(error) => match error.downcast_ref::<UpstreamError>() {
+                    Some(UpstreamError::Connect(e)) => Self::Connect(e.kind()),
+                    _ => Self::Connect(std::io::ErrorKind::Other),
+                },
+                Ok(_) => Self::Connect(std::io::ErrorKind::Other),
+            },
+            _ => Self::Broken,
+        }
+    }
+}
+
 /// One admitted request's claim on the circuit.
 #[derive(Debug)]
 pub struct Permit {
@@ -89,13 +140,15 @@ pub struct Permit {
 }
 
 impl Permit {
-    /// Records the attempt's outcome: the instance's failure counts
-    /// against it, a response that is not one for it, and anything that
-    /// was not the instance's doing (a client fault, a cancellation) gives
-    /// the permit back without counting.
-    pub fn settle(self, outcome: Outcome) {
+    /// Records how the attempt ended, as [`Outcome::of`] classifies it:
+    /// the instance's failure counts against it (and is remembered as the
+    /// circuit's last failure), any other response for it, and anything
+    /// that was not the instance's doing (a client fault, a cancellation)
+    /// gives the permit back without counting.
+    pub fn settle<B>(self, result: &Result<Response<B>, BoxError>) {
+        let outcome = Outcome::of(result);
         if outcome.is_instance_failure() {
-            self.failure();
+            self.failure(FailureCause::of(outcome, result));
         } else if let Outcome::Response(_) = outcome {
             self.success();
         }
@@ -109,9 +162,12 @@ impl Permit {
         }
     }
 
-    pub fn failure(mut self) {
+    pub fn failure(mut self, cause: FailureCause) {
         if let Some(admission) = self.admission.take() {
-            let transition = self.breaker.lock().on_failure(admission, Instant::now());
+            let transition = self
+                .breaker
+                .lock()
+                .on_failure(admission, cause, Instant::now());
             self.breaker.log(transition);
         }
     }
@@ -121,6 +177,71 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(admission) = self.admission.take() {
             self.breaker.lock().on_cancel(admission);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::TimedOut;
+    use crate::upstream::connect::ConnectError;
+    use crate::upstream::policy::Refusal;
+    use std::io;
+
+    fn settle_failure(result: Result<Response<()>, BoxError>) -> Option<FailureCause> {
+        let config = CircuitBreakerConfig {
+            failure_threshold: 1,
+            ..CircuitBreakerConfig::default()
+        };
+        let breaker = Arc::new(Breaker::new(&config, "svc".into(), "i-1".into()));
+        breaker.try_admit().unwrap().settle(&result);
+        match breaker.admission(Instant::now()) {
+            Err(Blocked::Open { last_failure, .. }) => last_failure,
+            _ => None,
+        }
+    }
+
+    fn status(code: u16) -> Result<Response<()>, BoxError> {
+        let mut response = Response::new(());
+        *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
+        Ok(response)
+    }
+
+    #[test]
+    fn settling_a_failure_remembers_its_cause() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        let forbidden = ConnectError::Forbidden {
+            addr: "10.0.0.1:80".parse().unwrap(),
+            why: Refusal::NotAllowed,
+        };
+        type Case = (Result<Response<()>, BoxError>, Option<FailureCause>);
+        let table: Vec<Case> = vec![
+            (status(500), Some(FailureCause::Status(500))),
+            (status(503), Some(FailureCause::Status(503))),
+            (Err(TimedOut.into()), Some(FailureCause::Timeout)),
+            (
+                Err(UpstreamError::Connect(refused).into()),
+                Some(FailureCause::Connect(io::ErrorKind::ConnectionRefused)),
+            ),
+            (
+                Err(UpstreamError::Forbidden(forbidden).into()),
+                Some(FailureCause::Forbidden),
+            ),
+            (
+                Err(UpstreamError::Broken("garbage".into()).into()),
+                Some(FailureCause::Broken),
+            ),
+            // Not the instance's failures: the circuit stays closed.
+            (status(404), None),
+            (
+                Err(UpstreamError::ClientBody("client gone".into()).into()),
+                None,
+            ),
+        ];
+        for (result, cause) in table {
+            let shown = format!("{result:?}");
+            assert_eq!(settle_failure(result), cause, "{shown}");
         }
     }
 }

@@ -9,8 +9,16 @@
 //! under. An outcome from an older generation is ignored: a slow request let
 //! through while closed must not close a circuit that has since opened, nor
 //! re-open one a probe has since closed.
+//!
+//! The machine also remembers what the API needs to say why a circuit
+//! refuses ([`Blocked`]): until when it is open, after how many failures,
+//! and the last failure's kind ([`FailureCause`], a small `Copy` value, so
+//! recording it costs the request path no allocation). The sentence itself
+//! is only built when a view is rendered ([`Blocked::describe`]).
 
-use std::time::Duration;
+use std::fmt;
+use std::io;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::time::Instant;
@@ -62,6 +70,102 @@ pub struct Refused {
     pub retry_after: Duration,
 }
 
+/// What a counted failure was, in a few words: the end of a reason
+/// sentence such as "after 3 consecutive failures (last: 500)".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    /// A response with this status (≥ 500): `500`.
+    Status(u16),
+    /// No response head within the attempt's time: `timeout`.
+    Timeout,
+    /// No connection: `connect failed: connection refused`.
+    Connect(io::ErrorKind),
+    /// The address is outside the upstream policy.
+    Forbidden,
+    /// The response was broken (reset, garbage): `broken response`.
+    Broken,
+}
+
+impl fmt::Display for FailureCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Status(status) => write!(f, "{status}"),
+            Self::Timeout => f.write_str("timeout"),
+            Self::Connect(io::ErrorKind::TimedOut) => f.write_str("connect timeout"),
+            Self::Connect(io::ErrorKind::Other) => f.write_str("connect failed"),
+            Self::Connect(kind) => write!(f, "connect failed: {kind}"),
+            Self::Forbidden => f.write_str("connect refused by the upstream policy"),
+            Self::Broken => f.write_str("broken response"),
+        }
+    }
+}
+
+/// Why a circuit refuses requests at some moment: the data of its reason
+/// sentence, copied out of the machine. No allocation until [`describe`].
+///
+/// [`describe`]: Blocked::describe
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    /// Open until `until`, after `consecutive_failures` failures in a row.
+    Open {
+        until: Instant,
+        consecutive_failures: u32,
+        last_failure: Option<FailureCause>,
+    },
+    /// Half-open with every probe slot taken.
+    ProbesInFlight { probes: u32 },
+}
+
+impl Blocked {
+    /// Time until the circuit admits a probe again, as `Retry-After` needs.
+    pub fn retry_after(&self, now: Instant) -> Duration {
+        match self {
+            Self::Open { until, .. } => until.saturating_duration_since(now),
+            // The next slot frees up when a probe ends.
+            Self::ProbesInFlight { .. } => Duration::from_secs(1),
+        }
+    }
+
+    /// The reason as one sentence. `now` and `wall` are the same moment on
+    /// the monotonic and the wall clock: the open deadline is kept on the
+    /// first (immune to clock steps) and shown on the second, in RFC 3339
+    /// UTC to the second, rounded up so that it never names a moment
+    /// before the circuit actually half-opens.
+    pub fn describe(&self, now: Instant, wall: SystemTime) -> String {
+        match *self {
+            Self::Open {
+                until,
+                consecutive_failures,
+                last_failure,
+            } => {
+                let at = ceil_to_second(wall + until.saturating_duration_since(now));
+                let plural = if consecutive_failures == 1 { "" } else { "s" };
+                let mut out = format!(
+                    "circuit open until {} after {consecutive_failures} consecutive failure{plural}",
+                    humantime::format_rfc3339_seconds(at)
+                );
+                if let Some(last) = last_failure {
+                    out.push_str(&format!(" (last: {last})"));
+                }
+                out
+            }
+            Self::ProbesInFlight { probes: 1 } => "circuit half-open, probe in flight".into(),
+            Self::ProbesInFlight { probes } => {
+                format!("circuit half-open, {probes} probes in flight")
+            }
+        }
+    }
+}
+
+fn ceil_to_second(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(since) if since.subsec_nanos() > 0 => {
+            UNIX_EPOCH + Duration::from_secs(since.as_secs() + 1)
+        }
+        _ => t,
+    }
+}
+
 /// A change of state worth a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
@@ -84,6 +188,8 @@ pub struct BreakerMachine {
     phase: Phase,
     generation: u64,
     consecutive_failures: u32,
+    /// The last failure counted, for the reason an open circuit gives.
+    last_failure: Option<FailureCause>,
 }
 
 impl BreakerMachine {
@@ -95,6 +201,7 @@ impl BreakerMachine {
             phase: Phase::Closed,
             generation: 0,
             consecutive_failures: 0,
+            last_failure: None,
         }
     }
 
@@ -113,30 +220,44 @@ impl BreakerMachine {
         self.consecutive_failures
     }
 
+    /// The last failure counted, if any.
+    pub fn last_failure(&self) -> Option<FailureCause> {
+        self.last_failure
+    }
+
     /// Whether `try_admit(now)` would let a request through, without taking a
     /// slot: what the picker asks before choosing an instance.
     pub fn would_admit(&self, now: Instant) -> bool {
+        self.admission(now).is_ok()
+    }
+
+    /// [`would_admit`](Self::would_admit) with the reason when it would
+    /// not: the one decision, so the picker and the API's reason agree.
+    pub fn admission(&self, now: Instant) -> Result<(), Blocked> {
         match self.phase {
-            Phase::Closed => true,
-            Phase::Open { until } => now >= until,
-            Phase::HalfOpen { probes_in_flight } => probes_in_flight < self.half_open_max_requests,
+            Phase::Closed => Ok(()),
+            Phase::Open { until } if now >= until => Ok(()),
+            Phase::Open { until } => Err(Blocked::Open {
+                until,
+                consecutive_failures: self.consecutive_failures,
+                last_failure: self.last_failure,
+            }),
+            Phase::HalfOpen { probes_in_flight }
+                if probes_in_flight < self.half_open_max_requests =>
+            {
+                Ok(())
+            }
+            Phase::HalfOpen { probes_in_flight } => Err(Blocked::ProbesInFlight {
+                probes: probes_in_flight,
+            }),
         }
     }
 
     /// Time until this circuit admits a probe, if it is refusing now.
     pub fn retry_after(&self, now: Instant) -> Option<Duration> {
-        match self.phase {
-            Phase::Closed => None,
-            Phase::Open { until } if now < until => Some(until - now),
-            Phase::Open { .. } => None,
-            Phase::HalfOpen { probes_in_flight }
-                if probes_in_flight >= self.half_open_max_requests =>
-            {
-                // A probe is in flight; the next slot frees up when it ends.
-                Some(Duration::from_secs(1))
-            }
-            Phase::HalfOpen { .. } => None,
-        }
+        self.admission(now)
+            .err()
+            .map(|blocked| blocked.retry_after(now))
     }
 
     /// Admits a request or refuses it. An open circuit past its timeout moves
@@ -190,12 +311,19 @@ impl BreakerMachine {
     }
 
     /// A failure: `failure_threshold` in a row open a closed circuit; a
-    /// probe's failure re-opens it for another `reset_timeout`.
-    pub fn on_failure(&mut self, admission: Admission, now: Instant) -> Option<Transition> {
+    /// probe's failure re-opens it for another `reset_timeout`. `cause` is
+    /// remembered for the reason an open circuit gives.
+    pub fn on_failure(
+        &mut self,
+        admission: Admission,
+        cause: FailureCause,
+        now: Instant,
+    ) -> Option<Transition> {
         if admission.generation != self.generation {
             return None;
         }
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        self.last_failure = Some(cause);
         match self.phase {
             Phase::Closed if self.consecutive_failures >= self.failure_threshold => {
                 self.enter(Phase::Open {
@@ -260,7 +388,7 @@ mod tests {
 
     fn fail(m: &mut BreakerMachine, now: Instant) -> Option<Transition> {
         let a = admit(m, now);
-        m.on_failure(a, now)
+        m.on_failure(a, FailureCause::Status(500), now)
     }
 
     #[test]
@@ -338,7 +466,7 @@ mod tests {
         let t5 = t0 + Duration::from_secs(5);
         let probe = admit(&mut m, t5);
         assert_eq!(
-            m.on_failure(probe, t5),
+            m.on_failure(probe, FailureCause::Timeout, t5),
             Some(Transition {
                 from: CircuitState::HalfOpen,
                 to: CircuitState::Open
@@ -374,7 +502,10 @@ mod tests {
             generation: 0,
             probe: false,
         };
-        assert_eq!(m.on_failure(slow2, t0 + Duration::from_secs(4)), None);
+        assert_eq!(
+            m.on_failure(slow2, FailureCause::Timeout, t0 + Duration::from_secs(4)),
+            None
+        );
         assert!(m.would_admit(t0 + Duration::from_secs(5)));
     }
 
@@ -386,5 +517,139 @@ mod tests {
         m.on_cancel(a);
         assert_eq!(m.state(t0), CircuitState::Closed);
         assert_eq!(m.consecutive_failures(), 0);
+    }
+
+    fn wall(rfc3339: &str) -> SystemTime {
+        humantime::parse_rfc3339(rfc3339).unwrap()
+    }
+
+    #[test]
+    fn an_open_circuit_says_until_when_after_how_many_and_the_last_failure() {
+        let t0 = Instant::now();
+        let mut m = machine(3, 30, 1);
+        assert_eq!(m.admission(t0), Ok(()));
+        let a = admit(&mut m, t0);
+        m.on_failure(a, FailureCause::Timeout, t0);
+        let a = admit(&mut m, t0);
+        m.on_failure(
+            a,
+            FailureCause::Connect(io::ErrorKind::ConnectionRefused),
+            t0,
+        );
+        assert_eq!(m.admission(t0), Ok(()), "closed below the threshold");
+        assert_eq!(fail(&mut m, t0).map(|t| t.to), Some(CircuitState::Open));
+
+        // Ten seconds later, on a wall clock reading 10:00:00.
+        let t10 = t0 + Duration::from_secs(10);
+        let blocked = m.admission(t10).unwrap_err();
+        assert_eq!(
+            blocked,
+            Blocked::Open {
+                until: t0 + Duration::from_secs(30),
+                consecutive_failures: 3,
+                last_failure: Some(FailureCause::Status(500)),
+            }
+        );
+        assert_eq!(blocked.retry_after(t10), Duration::from_secs(20));
+        assert_eq!(m.retry_after(t10), Some(Duration::from_secs(20)));
+        assert_eq!(
+            blocked.describe(t10, wall("2026-12-02T10:00:00Z")),
+            "circuit open until 2026-12-02T10:00:20Z after 3 consecutive failures (last: 500)"
+        );
+        // A deadline between two seconds is shown at the later one.
+        assert_eq!(
+            blocked.describe(t10, wall("2026-12-02T10:00:00.250Z")),
+            "circuit open until 2026-12-02T10:00:21Z after 3 consecutive failures (last: 500)"
+        );
+
+        // A failed probe re-opens it, one failure more, with its cause.
+        let t30 = t0 + Duration::from_secs(30);
+        assert_eq!(m.admission(t30), Ok(()));
+        let probe = admit(&mut m, t30);
+        m.on_failure(probe, FailureCause::Broken, t30);
+        assert_eq!(
+            m.admission(t30)
+                .unwrap_err()
+                .describe(t30, wall("2026-12-02T10:00:00Z")),
+            "circuit open until 2026-12-02T10:00:30Z after 4 consecutive failures (last: broken response)"
+        );
+    }
+
+    #[test]
+    fn a_half_open_circuit_with_its_slots_taken_says_so() {
+        let t0 = Instant::now();
+        let w = wall("2026-12-02T10:00:00Z");
+        let mut m = machine(1, 1, 1);
+        fail(&mut m, t0);
+        let t1 = t0 + Duration::from_secs(1);
+        let probe = admit(&mut m, t1);
+        let blocked = m.admission(t1).unwrap_err();
+        assert_eq!(blocked, Blocked::ProbesInFlight { probes: 1 });
+        assert_eq!(
+            blocked.describe(t1, w),
+            "circuit half-open, probe in flight"
+        );
+        assert_eq!(m.retry_after(t1), Some(Duration::from_secs(1)));
+        m.on_cancel(probe);
+        assert_eq!(m.admission(t1), Ok(()));
+
+        let mut m = machine(1, 1, 2);
+        fail(&mut m, t0);
+        admit(&mut m, t1);
+        admit(&mut m, t1);
+        assert_eq!(
+            m.admission(t1).unwrap_err().describe(t1, w),
+            "circuit half-open, 2 probes in flight"
+        );
+    }
+
+    #[test]
+    fn would_admit_is_the_admission_decision() {
+        let t0 = Instant::now();
+        let mut m = machine(2, 5, 1);
+        let check = |m: &BreakerMachine, at: Instant| {
+            assert_eq!(m.would_admit(at), m.admission(at).is_ok());
+            assert_eq!(m.retry_after(at).is_none(), m.admission(at).is_ok());
+        };
+        for step in 0..12u64 {
+            let at = t0 + Duration::from_secs(step);
+            check(&m, at);
+            if let (Ok(a), _) = m.try_admit(at) {
+                if step % 3 == 0 {
+                    m.on_success(a);
+                } else {
+                    m.on_failure(a, FailureCause::Status(503), at);
+                }
+            }
+            check(&m, at);
+        }
+    }
+
+    #[test]
+    fn failure_causes_in_words() {
+        let table = [
+            (FailureCause::Status(500), "500"),
+            (FailureCause::Timeout, "timeout"),
+            (
+                FailureCause::Connect(io::ErrorKind::ConnectionRefused),
+                "connect failed: connection refused",
+            ),
+            (
+                FailureCause::Connect(io::ErrorKind::TimedOut),
+                "connect timeout",
+            ),
+            (
+                FailureCause::Connect(io::ErrorKind::Other),
+                "connect failed",
+            ),
+            (
+                FailureCause::Forbidden,
+                "connect refused by the upstream policy",
+            ),
+            (FailureCause::Broken, "broken response"),
+        ];
+        for (cause, words) in table {
+            assert_eq!(cause.to_string(), words);
+        }
     }
 }

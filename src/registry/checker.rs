@@ -9,21 +9,28 @@
 //! per instance, some 8 KiB each across a large registry. A task ends when
 //! its instance's stop token is cancelled, which happens when the instance
 //! is removed and when the gateway shuts down.
+//!
+//! Every check is recorded whole ([`LastCheck`]): when, whether it passed,
+//! the status when an HTTP answer came or else a short error (`connection
+//! refused`, `timeout`...), and how long it took; that is what an unhealthy
+//! instance's reason in the API is made of.
 
+use std::borrow::Cow;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use http::Method;
 use http_body_util::{BodyExt, Limited};
 use rand::RngExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::health::{CheckResult, LastCheck};
 use super::instance::Instance;
 use crate::body;
 use crate::config::{HealthCheckConfig, ServicePolicy};
-use crate::upstream::Outbound;
+use crate::upstream::{Outbound, UpstreamError};
 
 /// Checks on the wire at once, gateway-wide.
 pub const MAX_CONCURRENT_CHECKS: usize = 256;
@@ -31,19 +38,38 @@ pub const MAX_CONCURRENT_CHECKS: usize = 256;
 /// A passing check's body is read up to this much.
 const MAX_CHECK_BODY: usize = 64 * 1024;
 
+/// An instance to remove, as `(service, id)`.
+pub type Removal = (Arc<str>, Arc<str>);
+
 #[derive(Clone)]
 pub struct HealthChecker {
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
+    /// Instances unhealthy for their `deregister_after`, for the registry
+    /// to remove ([`HealthChecker::take_removals`]).
+    removals: mpsc::UnboundedSender<Removal>,
+    removals_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<Removal>>>>,
 }
 
 impl HealthChecker {
     /// `shutdown` is the gateway's: cancelling it ends every checker task.
     pub fn new(shutdown: CancellationToken) -> Self {
+        let (removals, rx) = mpsc::unbounded_channel();
         Self {
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS)),
             shutdown,
+            removals,
+            removals_rx: Arc::new(Mutex::new(Some(rx))),
         }
+    }
+
+    /// The instances found unhealthy for their `deregister_after`, each
+    /// sent once per failing check past it; the registry takes this once.
+    pub fn take_removals(&self) -> Option<mpsc::UnboundedReceiver<Removal>> {
+        self.removals_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// A stop token for a new instance, cancelled with the gateway's.
@@ -71,23 +97,31 @@ impl HealthChecker {
 
     /// Runs one check of `instance` now, records it, and says whether it passed.
     pub async fn check(&self, instance: &Instance, config: &HealthCheckConfig) -> bool {
-        let passed = {
+        let check = {
             // The semaphore is never closed, so acquiring cannot fail.
             let _permit = self.permits.acquire().await;
+            // Timed from here: waiting for a permit is not the instance's time.
+            let at = SystemTime::now();
+            let started = tokio::time::Instant::now();
             // Boxed: a connection's handshake makes this future a few KiB,
             // and every instance's checker task would carry that size while
             // it sleeps between checks; boxed, only running checks do.
-            Box::pin(probe(instance, config)).await
+            let result = Box::pin(probe(instance, config)).await;
+            LastCheck {
+                at,
+                ok: matches!(result, CheckResult::Status(status) if (200..300).contains(&status)),
+                result,
+                duration: started.elapsed(),
+            }
         };
+        let (passed, at) = (check.ok, check.at);
         // Checks come round even when no traffic does: a good moment to
         // close the instance's connections idle past their timeout.
         instance.pool().prune();
-        let flip = instance.health().record(
-            passed,
-            SystemTime::now(),
-            config.healthy_threshold,
-            config.unhealthy_threshold,
-        );
+        let flip =
+            instance
+                .health()
+                .record(check, config.healthy_threshold, config.unhealthy_threshold);
         if let Some(flip) = flip {
             tracing::info!(
                 service = instance.service(),
@@ -98,6 +132,13 @@ impl HealthChecker {
                 "instance {}",
                 flip.to
             );
+        }
+        let after = config.deregister_after;
+        if !passed && !after.is_zero() && instance.health().unhealthy_for(after, at) {
+            // The registry checks again before it removes, in its writer.
+            let _ = self
+                .removals
+                .send((instance.service_name().clone(), instance.id_name().clone()));
         }
         passed
     }
@@ -116,9 +157,9 @@ where
     }
 }
 
-/// One `GET`, bounded by `timeout` from connect to the end of the body;
-/// any 2xx passes.
-async fn probe(instance: &Instance, config: &HealthCheckConfig) -> bool {
+/// One `GET`, bounded by `timeout` from connect to the end of the body:
+/// the status when an answer came (any 2xx passes), else why none did.
+async fn probe(instance: &Instance, config: &HealthCheckConfig) -> CheckResult {
     let (path, query) = match config.path.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (config.path.as_str(), None),
@@ -137,22 +178,47 @@ async fn probe(instance: &Instance, config: &HealthCheckConfig) -> bool {
         body::empty(),
     );
     let exchange = async {
-        let Ok(response) = instance.pool().send_once(request).await else {
-            return false;
+        let response = match instance.pool().send_once(request).await {
+            Ok(response) => response,
+            Err(error) => return CheckResult::Error(describe(&error)),
         };
-        if !response.status().is_success() {
-            return false;
+        let status = response.status();
+        if status.is_success() {
+            // Read (a little of) the answer so the instance sees it
+            // delivered; a huge or broken body still passes: the status is
+            // what counts.
+            let _ = Limited::new(response.into_body(), MAX_CHECK_BODY)
+                .collect()
+                .await;
         }
-        // Read (a little of) the answer so the instance sees it delivered; a
-        // huge or broken body still passes: the status is what counts.
-        let _ = Limited::new(response.into_body(), MAX_CHECK_BODY)
-            .collect()
-            .await;
-        true
+        CheckResult::Status(status.as_u16())
     };
     tokio::time::timeout(config.timeout, exchange)
         .await
-        .unwrap_or(false)
+        .unwrap_or(CheckResult::Error(Cow::Borrowed("timeout")))
+}
+
+/// A failed check's error in a few words: `connection refused`, `connect
+/// timed out`, `broken response: ...`. An operating-system error is named
+/// by its kind, without its number.
+fn describe(error: &UpstreamError) -> Cow<'static, str> {
+    fn io(e: &std::io::Error) -> Cow<'static, str> {
+        match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => Cow::Borrowed("connection refused"),
+            kind if e.raw_os_error().is_some() => Cow::Owned(kind.to_string()),
+            _ => Cow::Owned(e.to_string()),
+        }
+    }
+    match error {
+        UpstreamError::Connect(e) => io(e),
+        UpstreamError::Forbidden(_) => Cow::Borrowed("connect refused by the upstream policy"),
+        UpstreamError::Broken(e) => match e.downcast_ref::<std::io::Error>() {
+            Some(e) => Cow::Owned(format!("broken response: {}", io(e))),
+            None => Cow::Owned(format!("broken response: {e}")),
+        },
+        // A check sends no body, so this cannot happen; say what it would be.
+        UpstreamError::ClientBody(_) => Cow::Borrowed("request body failed"),
+    }
 }
 
 #[cfg(test)]

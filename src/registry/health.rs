@@ -5,10 +5,18 @@
 //! failures take an instance from `healthy`/`unknown` to `unhealthy`, and
 //! `healthy_threshold` consecutive passes take it from `unhealthy`/`unknown`
 //! to `healthy`. A new instance is `unknown`, and routable.
+//!
+//! Besides the status, the cell keeps what the API shows to explain it:
+//! the last check ([`LastCheck`]: when, whether it passed, the status or the
+//! error, how long it took) and the consecutive counts, so an unhealthy
+//! instance can say "3 consecutive failed checks, last: connection refused".
+//! Those are plain data behind the mutex; the proxy never reads them.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -70,6 +78,73 @@ impl std::fmt::Display for HealthStatus {
     }
 }
 
+/// What one health check got back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckResult {
+    /// An HTTP answer with this status came.
+    Status(u16),
+    /// No answer came: `connection refused`, `timeout`, `broken response`...
+    Error(Cow<'static, str>),
+}
+
+impl fmt::Display for CheckResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Status(status) => write!(f, "status {status}"),
+            Self::Error(error) => f.write_str(error),
+        }
+    }
+}
+
+/// One health check: when it started, whether it passed, what it got and
+/// how long it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastCheck {
+    pub at: SystemTime,
+    pub ok: bool,
+    pub result: CheckResult,
+    pub duration: Duration,
+}
+
+/// An instance's health as the API shows it, read at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSnapshot {
+    pub status: HealthStatus,
+    pub consecutive_failures: u32,
+    pub consecutive_passes: u32,
+    /// The last passing check.
+    pub last_ping: Option<SystemTime>,
+    pub last_check: Option<LastCheck>,
+}
+
+impl HealthSnapshot {
+    /// Why this instance is unhealthy, as one sentence: "unhealthy: 3
+    /// consecutive failed checks, last: connection refused". An instance on
+    /// its way back (passing, but fewer times than `healthy_threshold`) says
+    /// so: "unhealthy: recovering, 1 consecutive passed check, last: status 200".
+    pub fn unhealthy_reason(&self) -> String {
+        let plural = |n: u32| if n == 1 { "" } else { "s" };
+        let count = if self.consecutive_failures > 0 {
+            let n = self.consecutive_failures;
+            Some(format!("{n} consecutive failed check{}", plural(n)))
+        } else if self.consecutive_passes > 0 {
+            let n = self.consecutive_passes;
+            Some(format!(
+                "recovering, {n} consecutive passed check{}",
+                plural(n)
+            ))
+        } else {
+            None
+        };
+        match (count, &self.last_check) {
+            (Some(count), Some(last)) => format!("unhealthy: {count}, last: {}", last.result),
+            (Some(count), None) => format!("unhealthy: {count}"),
+            (None, Some(last)) => format!("unhealthy, last: {}", last.result),
+            (None, None) => "unhealthy".into(),
+        }
+    }
+}
+
 /// A status flip, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flip {
@@ -98,6 +173,14 @@ impl Default for HealthTracker {
 impl HealthTracker {
     pub fn status(&self) -> HealthStatus {
         self.status
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures
+    }
+
+    pub fn consecutive_passes(&self) -> u32 {
+        self.passes
     }
 
     /// Records one check's outcome; returns the flip if the status changed.
@@ -130,8 +213,9 @@ impl HealthTracker {
 
 /// The health of one instance, shared by its checker, the API and the proxy.
 ///
-/// The proxy reads only `status`, one atomic load; the tracker and
-/// `last_ping` sit behind a mutex that only checks and the API take.
+/// The proxy reads only `status`, one atomic load; the tracker,
+/// `last_ping` and the last check sit behind a mutex that only checks and
+/// the API take.
 #[derive(Debug, Default)]
 pub struct Health {
     status: AtomicU8,
@@ -144,6 +228,7 @@ struct HealthInner {
     last_ping: Option<SystemTime>,
     /// When the instance last became unhealthy, while it is.
     unhealthy_since: Option<SystemTime>,
+    last_check: Option<LastCheck>,
 }
 
 impl Health {
@@ -163,29 +248,48 @@ impl Health {
             .is_some_and(|since| since + span <= now)
     }
 
-    /// Records a check made at `at`; returns the flip, if any.
+    /// The last check, passed or not.
+    pub fn last_check(&self) -> Option<LastCheck> {
+        self.lock().last_check.clone()
+    }
+
+    /// Everything the API shows, read under one lock so it agrees with
+    /// itself (the status is the tracker's, which the atomic mirrors).
+    pub fn snapshot(&self) -> HealthSnapshot {
+        let inner = self.lock();
+        HealthSnapshot {
+            status: inner.tracker.status(),
+            consecutive_failures: inner.tracker.consecutive_failures(),
+            consecutive_passes: inner.tracker.consecutive_passes(),
+            last_ping: inner.last_ping,
+            last_check: inner.last_check.clone(),
+        }
+    }
+
+    /// Records one check; a passing one is also the new `last_ping`.
+    /// Returns the flip, if any.
     pub fn record(
         &self,
-        passed: bool,
-        at: SystemTime,
+        check: LastCheck,
         healthy_threshold: u32,
         unhealthy_threshold: u32,
     ) -> Option<Flip> {
         let mut inner = self.lock();
-        if passed {
-            inner.last_ping = Some(at);
+        if check.ok {
+            inner.last_ping = Some(check.at);
         }
         let flip = inner
             .tracker
-            .record(passed, healthy_threshold, unhealthy_threshold);
+            .record(check.ok, healthy_threshold, unhealthy_threshold);
         match flip {
             Some(Flip {
                 to: HealthStatus::Unhealthy,
                 ..
-            }) => inner.unhealthy_since = Some(at),
+            }) => inner.unhealthy_since = Some(check.at),
             Some(_) => inner.unhealthy_since = None,
             None => {}
         }
+        inner.last_check = Some(check);
         self.status
             .store(inner.tracker.status().to_u8(), Ordering::Relaxed);
         flip
@@ -297,14 +401,67 @@ mod tests {
         );
     }
 
+    fn check(at: SystemTime, ok: bool, result: CheckResult) -> LastCheck {
+        LastCheck {
+            at,
+            ok,
+            result,
+            duration: Duration::from_millis(3),
+        }
+    }
+
+    fn refused() -> CheckResult {
+        CheckResult::Error("connection refused".into())
+    }
+
     #[test]
-    fn cell_publishes_status_and_last_ping() {
+    fn cell_publishes_status_last_ping_and_last_check() {
         let health = Health::default();
-        let t0 = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(100);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
         assert_eq!(health.last_ping(), None);
-        health.record(true, t0, 1, 1);
+        assert_eq!(health.last_check(), None);
+        health.record(check(t0, true, CheckResult::Status(200)), 1, 1);
         assert_eq!((health.status(), health.last_ping()), (Healthy, Some(t0)));
-        health.record(false, t0 + std::time::Duration::from_secs(5), 1, 1);
+        let t5 = t0 + Duration::from_secs(5);
+        health.record(check(t5, false, refused()), 1, 1);
         assert_eq!((health.status(), health.last_ping()), (Unhealthy, Some(t0)));
+        assert_eq!(health.last_check(), Some(check(t5, false, refused())));
+        let snapshot = health.snapshot();
+        assert_eq!(snapshot.status, Unhealthy);
+        assert_eq!(
+            (snapshot.consecutive_failures, snapshot.consecutive_passes),
+            (1, 0)
+        );
+    }
+
+    #[test]
+    fn unhealthy_reason_names_the_count_and_the_last_check() {
+        let health = Health::default();
+        let t0 = SystemTime::UNIX_EPOCH;
+        for _ in 0..3 {
+            health.record(check(t0, false, refused()), 1, 3);
+        }
+        assert_eq!(
+            health.snapshot().unhealthy_reason(),
+            "unhealthy: 3 consecutive failed checks, last: connection refused"
+        );
+        health.record(check(t0, false, CheckResult::Status(503)), 1, 3);
+        assert_eq!(
+            health.snapshot().unhealthy_reason(),
+            "unhealthy: 4 consecutive failed checks, last: status 503"
+        );
+        // On the way back: passing, but not yet healthy_threshold times.
+        health.record(check(t0, true, CheckResult::Status(200)), 2, 3);
+        assert_eq!(health.status(), Unhealthy);
+        assert_eq!(
+            health.snapshot().unhealthy_reason(),
+            "unhealthy: recovering, 1 consecutive passed check, last: status 200"
+        );
+        let one = Health::default();
+        one.record(check(t0, false, CheckResult::Error("timeout".into())), 1, 1);
+        assert_eq!(
+            one.snapshot().unhealthy_reason(),
+            "unhealthy: 1 consecutive failed check, last: timeout"
+        );
     }
 }

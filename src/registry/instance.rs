@@ -1,12 +1,19 @@
-//! One registered instance: what was registered, its live health and
-//! circuit state, and the tower stack that calls it.
+//! One registered instance: what was registered, its live state (drain,
+//! health, circuit), and the tower stack that calls it.
+//!
+//! The live state is shared by every snapshot of the instance (the registry
+//! replaces its service's snapshot whole on each write, and a metadata
+//! change makes a new `Instance` that must keep the old one's state): each
+//! piece sits behind an `Arc`, and the pieces the proxy reads per request
+//! (drain state, health status) are single atomics.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use tokio::time::Instant;
@@ -20,6 +27,60 @@ use crate::upstream::{AttemptTimeout, AttemptTimeoutLayer, Pool, PoolService};
 /// time limit over its connection pools. Built once, with the instance;
 /// each attempt calls a clone, which costs reference counts only.
 pub type InstanceStack = CircuitBreaker<AttemptTimeout<PoolService>>;
+
+/// Whether an instance takes new requests (SPEC §7 "Drain"): a draining
+/// one gets none, while requests in flight finish and health checks go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    #[default]
+    Active,
+    Draining,
+}
+
+impl InstanceState {
+    /// The state the store's `draining` flag stands for.
+    pub fn of_draining(draining: bool) -> Self {
+        if draining {
+            Self::Draining
+        } else {
+            Self::Active
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Draining => "draining",
+        }
+    }
+
+    /// `"active"` or `"draining"`, as the API and the store spell them.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "draining" => Some(Self::Draining),
+            _ => None,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        if v == 1 { Self::Draining } else { Self::Active }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::Active => 0,
+            Self::Draining => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What was registered of an instance.
 #[derive(Debug)]
@@ -46,8 +107,8 @@ pub struct Instance {
     /// When its TTL runs out, in milliseconds since [`epoch`]; shared by
     /// every snapshot, like the live state below.
     deadline: Arc<AtomicU64>,
-    /// Taken out of rotation by an operator: no new requests.
-    draining: Arc<AtomicBool>,
+    /// An [`InstanceState`]; the picker reads it with one atomic load.
+    state: Arc<AtomicU8>,
     health: Arc<Health>,
     breaker: Arc<Breaker>,
     /// Calls the instance: the breaker above, over keep-alive connections
@@ -89,7 +150,7 @@ impl Instance {
             registered_at,
             ttl,
             deadline: Arc::default(),
-            draining: Arc::default(),
+            state: Arc::default(),
             health: Arc::default(),
             breaker,
             stack,
@@ -113,7 +174,7 @@ impl Instance {
             registered_at: self.registered_at,
             ttl,
             deadline: self.deadline.clone(),
-            draining: self.draining.clone(),
+            state: self.state.clone(),
             health: self.health.clone(),
             breaker: self.breaker.clone(),
             stack: self.stack.clone(),
@@ -153,11 +214,7 @@ impl Instance {
 
     /// Whether an operator took it out of rotation.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Ordering::Relaxed);
+        self.state() == InstanceState::Draining
     }
 
     pub fn id_header(&self) -> &HeaderValue {
@@ -178,6 +235,29 @@ impl Instance {
 
     pub fn registered_at(&self) -> SystemTime {
         self.registered_at
+    }
+
+    /// Active or draining.
+    pub fn state(&self) -> InstanceState {
+        InstanceState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Sets the drain state, for this instance and every snapshot of it,
+    /// and returns the previous one. A change is logged. A draining
+    /// instance is skipped by the picker from the next request on; requests
+    /// already sent to it finish.
+    pub fn set_state(&self, state: InstanceState) -> InstanceState {
+        let previous = InstanceState::from_u8(self.state.swap(state.to_u8(), Ordering::Relaxed));
+        if previous != state {
+            tracing::info!(
+                service = %self.service,
+                instance = %self.id,
+                from = %previous,
+                to = %state,
+                "instance {state}"
+            );
+        }
+        previous
     }
 
     pub fn health(&self) -> &Health {

@@ -35,8 +35,10 @@ use crate::retry::RetryBudget;
 use crate::upstream::{Pool, PoolSettings};
 pub use checker::{HealthChecker, MAX_CONCURRENT_CHECKS};
 use expiry::Expiry;
-pub use health::{Flip, Health, HealthStatus, HealthTracker};
-pub use instance::{Instance, InstanceStack};
+pub use health::{
+    CheckResult, Flip, Health, HealthSnapshot, HealthStatus, HealthTracker, LastCheck,
+};
+pub use instance::{Instance, InstanceStack, InstanceState};
 use store::{Change, Record, RegistryStore, StoreError};
 use validate::InstanceUrl;
 use writer::{Apply, Batch, Plan, Writer};
@@ -233,6 +235,19 @@ impl Registry {
                 });
             }));
         }
+        if let Some(mut removals) = self.checker.take_removals() {
+            let registry = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while let Some((service, id)) = removals.recv().await {
+                    let Some(registry) = registry.upgrade() else {
+                        return;
+                    };
+                    // Failing removals (store down) come again at the next
+                    // failing check.
+                    let _ = registry.write(Write::RemoveUnhealthy { service, id }).await;
+                }
+            });
+        }
         Ok(loaded)
     }
 
@@ -395,7 +410,12 @@ impl Registry {
                 {
                     return Plan::Nothing;
                 }
-                tracing::info!(service = %service, instance = %id, after = %crate::config::fmt_duration(after), "instance removed: unhealthy for deregister_after");
+                tracing::info!(
+                    service = %service,
+                    instance = %id,
+                    after = %crate::config::fmt_duration(after),
+                    "instance removed: unhealthy for deregister_after"
+                );
                 remove(&instance)
             }
         }
@@ -489,20 +509,7 @@ impl Registry {
                 Written::Instance(instance)
             }
             Apply::Drain(instance, record) => {
-                if instance.is_draining() != record.draining {
-                    tracing::info!(
-                        service = instance.service(),
-                        instance = instance.id(),
-                        draining = record.draining,
-                        "instance {}",
-                        if record.draining {
-                            "draining"
-                        } else {
-                            "active again"
-                        }
-                    );
-                }
-                instance.set_draining(record.draining);
+                instance.set_state(InstanceState::of_draining(record.draining));
                 Written::Instance(instance)
             }
             Apply::Remove { service, id } => {
@@ -547,7 +554,7 @@ impl Registry {
             } else {
                 Arc::new(old.with_registration(record.metadata.clone(), ttl_of(&record)))
             };
-            instance.set_draining(record.draining);
+            instance.set_state(InstanceState::of_draining(record.draining));
             let mut instances = service.instances.clone();
             instances[at] = instance.clone();
             services.insert(
@@ -577,7 +584,7 @@ impl Registry {
             })
         });
         let instance = self.new_instance(&service, &record, url);
-        instance.set_draining(record.draining);
+        instance.set_state(InstanceState::of_draining(record.draining));
         let mut instances = Vec::with_capacity(service.instances.len() + 1);
         instances.extend(service.instances.iter().cloned());
         instances.push(instance.clone());
