@@ -79,6 +79,13 @@ fn main() {
     let Some(seconds) = support::seconds() else {
         return;
     };
+    // `cargo bench --bench registry_scale -- <word>`: only the rows whose
+    // label holds the word.
+    let only = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    let wanted = |label: &str| label.contains(only.as_str());
     let duration = Duration::from_secs(seconds);
     let warmup = Duration::from_secs(1);
     let upstreams = Upstreams::start(3);
@@ -99,6 +106,9 @@ fn main() {
             r#","ttl":"1h""#,
         ),
     ] {
+        if !wanted(label) {
+            continue;
+        }
         let checks = if label.contains("30s") { "30s" } else { "0s" };
         let gateway = GatewayProcess::start(&format!(
             "[health_check]\ninterval = \"{checks}\"\n{config}"
@@ -125,6 +135,9 @@ fn main() {
     println!("one registration at a time, one connection, 2 000 registrations");
     let file = StoreFile::new("single");
     for (label, config) in [("memory", String::new()), ("file store", file.config())] {
+        if !wanted(&format!("{label}, one at a time")) {
+            continue;
+        }
         let gateway =
             GatewayProcess::start(&format!("[health_check]\ninterval = \"0s\"\n{config}"));
         let (_, mut latencies) = register_bodies(gateway.addr, bodies(&upstreams, 200, ""), 1);
@@ -136,6 +149,9 @@ fn main() {
         );
     }
 
+    if !wanted("proxying") {
+        return;
+    }
     println!();
     println!("proxying, 64 connections, {seconds} s per row, health checks off");
     let small = GatewayProcess::start("[health_check]\ninterval = \"0s\"\n");

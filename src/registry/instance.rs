@@ -206,6 +206,12 @@ impl Instance {
         Some(deadline)
     }
 
+    /// Forgets its deadline; whether it had one (the TTL wheel then holds
+    /// an entry to clear).
+    pub(super) fn disarm(&self) -> bool {
+        self.deadline.swap(0, Ordering::Relaxed) != 0
+    }
+
     /// Whether its TTL has run out at `now`.
     pub(super) fn expired(&self, now: Instant) -> bool {
         self.ttl.is_some()

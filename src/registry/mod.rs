@@ -629,16 +629,21 @@ impl Registry {
                 self.expiry
                     .set(instance.service_name(), instance.id_name(), deadline)
             }
-            None => self
+            // Only a deadline once armed has an entry in the wheel: most
+            // instances have none, and cost the wheel nothing.
+            None if instance.disarm() => self
                 .expiry
                 .clear(instance.service_name(), instance.id_name()),
+            None => {}
         }
     }
 
     fn forget(&self, instance: &Instance) {
         instance.stop_token().cancel();
-        self.expiry
-            .clear(instance.service_name(), instance.id_name());
+        if instance.disarm() {
+            self.expiry
+                .clear(instance.service_name(), instance.id_name());
+        }
         self.instance_count.fetch_sub(1, Ordering::Relaxed);
         tracing::info!(
             service = instance.service(),

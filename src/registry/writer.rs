@@ -2,19 +2,22 @@
 //! is acknowledged only once its store has committed it (SPEC §7).
 //!
 //! A write (registration, heartbeat, drain, removal, and the registry's
-//! own expiries) is queued with a channel for its answer. Whoever then
-//! holds the writer's lock takes every write queued so far as one batch:
-//! it checks each against the registry as it is plus the batch's earlier
-//! writes, commits all their changes to the store in one transaction
-//! (group commit: a hundred concurrent registrations cost one fsync), then
+//! own expiries) is queued, with a channel for its answer, to the writer's
+//! task. The task takes every write queued so far as one batch: it checks
+//! each against the registry as it is plus the batch's earlier writes,
+//! commits all their changes to the store in one transaction (group
+//! commit: a hundred concurrent registrations cost one fsync), then
 //! applies them to the in-memory registry in the same order and answers
-//! each. A write refused (bad input, a limit) changes nothing; a store
+//! each. While a batch commits, the next one queues up, so the batches
+//! grow with the load. A write refused (bad input, a limit) changes nothing; a store
 //! that fails the commit gets every write of the batch a 503
 //! `store_unavailable`, and nothing of it is applied, so what the
 //! registry shows is always what the store holds.
 //!
-//! The batch runs in a task of its own: a client that goes away while its
-//! write is being committed cannot leave the batch half done.
+//! The batch runs in the writer's own task: a client that goes away while
+//! its write is being committed cannot leave the batch half done. A store
+//! that commits instantly (memory) has nothing to batch: each write runs
+//! in place, in turn, and completes within one poll.
 //!
 //! Two writes of one batch that touch the same instance (or a service and
 //! one of its instances) would have to see each other's effect before
@@ -23,9 +26,9 @@
 //! commit is for, never splits.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, OnceLock, Weak};
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::store::Change;
 use super::{Instance, Registered, Registration, Registry};
@@ -82,8 +85,10 @@ type Reply = oneshot::Sender<Result<Written, GatewayError>>;
 /// The queue of writes and the lock of the batch in progress.
 #[derive(Debug, Default)]
 pub struct Writer {
-    queue: Mutex<Vec<(Write, Reply)>>,
-    batch: tokio::sync::Mutex<()>,
+    /// The writer task's queue, made by the first write.
+    queue: OnceLock<mpsc::UnboundedSender<(Write, Reply)>>,
+    /// Whose turn it is, when writes run in place.
+    in_place: tokio::sync::Mutex<()>,
 }
 
 /// What one write will do, decided before anything is committed.
@@ -147,25 +152,21 @@ impl Registry {
     /// applied.
     pub async fn write(self: &Arc<Self>, write: Write) -> Result<Written, GatewayError> {
         let (reply, answer) = oneshot::channel();
-        self.writer
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((write, reply));
-        let registry = self.clone();
-        tokio::spawn(async move {
-            let _batch = registry.writer.batch.lock().await;
-            let queued = std::mem::take(
-                &mut *registry
-                    .writer
-                    .queue
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
-            if !queued.is_empty() {
-                registry.run(queued).await;
-            }
-        });
+        if self.store.commits_instantly() {
+            let _turn = self.writer.in_place.lock().await;
+            // The commit is ready when polled, so this runs to its end
+            // within this poll: a caller cancelled here cancels nothing
+            // half done.
+            self.run(vec![(write, reply)]).await;
+        } else {
+            let queue = self.writer.queue.get_or_init(|| {
+                let (queue, writes) = mpsc::unbounded_channel();
+                tokio::spawn(write_batches(Arc::downgrade(self), writes));
+                queue
+            });
+            // The task ends only with the registry, which is alive here.
+            let _ = queue.send((write, reply));
+        }
         answer.await.unwrap_or_else(|_| {
             Err(GatewayError::new(
                 ErrorCode::StoreUnavailable,
@@ -176,6 +177,8 @@ impl Registry {
 
     /// Commits and applies `queued`, in batches that never touch one
     /// instance twice.
+    /// Plans, commits and applies `queued` in order, in as few batches as
+    /// their conflicts allow.
     async fn run(&self, queued: Vec<(Write, Reply)>) {
         let mut pending: VecDeque<_> = queued.into();
         while !pending.is_empty() {
@@ -219,6 +222,24 @@ impl Registry {
                 let _ = reply.send(Ok(self.apply(apply)));
             }
         }
+    }
+}
+
+/// The writer's task: each batch is every write queued since the last
+/// one began. Ends when the registry is dropped.
+async fn write_batches(
+    registry: Weak<Registry>,
+    mut writes: mpsc::UnboundedReceiver<(Write, Reply)>,
+) {
+    while let Some(first) = writes.recv().await {
+        let mut queued = vec![first];
+        while let Ok(next) = writes.try_recv() {
+            queued.push(next);
+        }
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        registry.run(queued).await;
     }
 }
 

@@ -19,4 +19,8 @@ impl RegistryStore for MemoryStore {
     fn commit(&self, _: Vec<Change>) -> StoreFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
+
+    fn commits_instantly(&self) -> bool {
+        true
+    }
 }

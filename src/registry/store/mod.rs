@@ -44,7 +44,8 @@ pub struct Record {
 }
 
 /// One change to the stored registry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Change {
     /// The instance, as it now is (added or replaced).
     Put(Record),
@@ -79,6 +80,13 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// returns `Ok`, all of them survive a crash; on `Err`, none is
     /// acknowledged.
     fn commit(&self, changes: Vec<Change>) -> StoreFuture<'_, ()>;
+
+    /// Whether [`RegistryStore::commit`] is ready when first polled (the
+    /// memory store): the writer then runs each write in place, with
+    /// nothing to batch.
+    fn commits_instantly(&self) -> bool {
+        false
+    }
 }
 
 /// Opens the store `config` names. The error names the file and what is
