@@ -290,7 +290,7 @@ impl Registry {
     /// store and the writer: for tests and benchmarks that build a
     /// registry by hand. The API goes through [`Registry::write`].
     pub fn register(&self, registration: Registration) -> Result<Registered, GatewayError> {
-        match self.plan_register(registration, &mut Batch::default()) {
+        match self.plan_register(registration, &mut Batch::in_place()) {
             Plan::Do { apply, .. } => match self.apply(apply) {
                 Written::Registered(registered) => Ok(registered),
                 _ => Err(GatewayError::new(
@@ -447,13 +447,16 @@ impl Registry {
                 if let Err(e) = self.check_limits(&record.service, current.as_deref(), batch) {
                     return Plan::Refused(e);
                 }
-                batch.created += 1;
-                *batch.created_in.entry(record.service.clone()).or_default() += 1;
+                batch.count_created(&record.service);
                 record
             }
         };
+        let changes = match batch.keeps_changes() {
+            true => vec![Change::Put(record.clone())],
+            false => Vec::new(),
+        };
         Plan::Do {
-            changes: vec![Change::Put(record.clone())],
+            changes,
             apply: Apply::Put {
                 record,
                 created: existing.is_none(),

@@ -15,9 +15,9 @@
 //! registry shows is always what the store holds.
 //!
 //! The batch runs in the writer's own task: a client that goes away while
-//! its write is being committed cannot leave the batch half done. A store
-//! that commits instantly (memory) has nothing to batch: each write runs
-//! in place, in turn, and completes within one poll.
+//! its write is being committed cannot leave the batch half done. The
+//! memory store keeps nothing, so there is nothing to batch: each write is
+//! planned and applied in place, in turn, under a plain lock.
 //!
 //! Two writes of one batch that touch the same instance (or a service and
 //! one of its instances) would have to see each other's effect before
@@ -26,7 +26,7 @@
 //! commit is for, never splits.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -88,7 +88,7 @@ pub struct Writer {
     /// The writer task's queue, made by the first write.
     queue: OnceLock<mpsc::UnboundedSender<(Write, Reply)>>,
     /// Whose turn it is, when writes run in place.
-    in_place: tokio::sync::Mutex<()>,
+    in_place: Mutex<()>,
 }
 
 /// What one write will do, decided before anything is committed.
@@ -124,6 +124,8 @@ pub(super) enum Apply {
 /// What the writes planned so far in a batch touch.
 #[derive(Debug, Default)]
 pub(super) struct Batch {
+    /// One write applied in place: nothing to claim, nothing to commit.
+    in_place: bool,
     instances: HashSet<(String, String)>,
     services: HashSet<String>,
     /// Instances the batch creates, registry-wide and per service.
@@ -134,16 +136,40 @@ pub(super) struct Batch {
 impl Batch {
     /// Claims the instance `(service, id)` for this batch; false if an
     /// earlier write of it touched the instance or its whole service.
+    /// A batch of one write, applied in place.
+    pub fn in_place() -> Self {
+        Self {
+            in_place: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the store keeps the batch's changes (else they are not made).
+    pub fn keeps_changes(&self) -> bool {
+        !self.in_place
+    }
+
+    /// Counts an instance the batch creates in `service`, for the limits
+    /// of the writes after it in the same batch.
+    pub fn count_created(&mut self, service: &str) {
+        if !self.in_place {
+            self.created += 1;
+            *self.created_in.entry(service.to_string()).or_default() += 1;
+        }
+    }
+
     pub fn claim(&mut self, service: &str, id: &str) -> bool {
-        !self.services.contains(service)
-            && self.instances.insert((service.to_string(), id.to_string()))
+        self.in_place
+            || !self.services.contains(service)
+                && self.instances.insert((service.to_string(), id.to_string()))
     }
 
     /// Claims the whole service; false if this batch touched it already.
     pub fn claim_service(&mut self, service: &str) -> bool {
-        !self.services.contains(service)
-            && !self.instances.iter().any(|(s, _)| s == service)
-            && self.services.insert(service.to_string())
+        self.in_place
+            || !self.services.contains(service)
+                && !self.instances.iter().any(|(s, _)| s == service)
+                && self.services.insert(service.to_string())
     }
 }
 
@@ -151,22 +177,17 @@ impl Registry {
     /// Makes `write`, and answers once it is committed to the store and
     /// applied.
     pub async fn write(self: &Arc<Self>, write: Write) -> Result<Written, GatewayError> {
-        let (reply, answer) = oneshot::channel();
-        if self.store.commits_instantly() {
-            let _turn = self.writer.in_place.lock().await;
-            // The commit is ready when polled, so this runs to its end
-            // within this poll: a caller cancelled here cancels nothing
-            // half done.
-            self.run(vec![(write, reply)]).await;
-        } else {
-            let queue = self.writer.queue.get_or_init(|| {
-                let (queue, writes) = mpsc::unbounded_channel();
-                tokio::spawn(write_batches(Arc::downgrade(self), writes));
-                queue
-            });
-            // The task ends only with the registry, which is alive here.
-            let _ = queue.send((write, reply));
+        if !self.store.keeps_anything() {
+            return self.write_in_place(&write);
         }
+        let (reply, answer) = oneshot::channel();
+        let queue = self.writer.queue.get_or_init(|| {
+            let (queue, writes) = mpsc::unbounded_channel();
+            tokio::spawn(write_batches(Arc::downgrade(self), writes));
+            queue
+        });
+        // The task ends only with the registry, which is alive here.
+        let _ = queue.send((write, reply));
         answer.await.unwrap_or_else(|_| {
             Err(GatewayError::new(
                 ErrorCode::StoreUnavailable,
@@ -177,6 +198,24 @@ impl Registry {
 
     /// Commits and applies `queued`, in batches that never touch one
     /// instance twice.
+    /// With nothing to commit, a write is planned and applied at once, in
+    /// turn with the others: a plain lock, held for a few microseconds and
+    /// never across an await.
+    fn write_in_place(&self, write: &Write) -> Result<Written, GatewayError> {
+        let _turn = self
+            .writer
+            .in_place
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match self.plan(write, &mut Batch::in_place()) {
+            Plan::Refused(error) => Err(error),
+            Plan::Nothing => Ok(Written::Nothing),
+            Plan::Do { apply, .. } => Ok(self.apply(apply)),
+            // An empty batch has claimed nothing: it cannot conflict.
+            Plan::Later => Ok(Written::Nothing),
+        }
+    }
+
     /// Plans, commits and applies `queued` in order, in as few batches as
     /// their conflicts allow.
     async fn run(&self, queued: Vec<(Write, Reply)>) {

@@ -20,7 +20,7 @@ impl RegistryStore for MemoryStore {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn commits_instantly(&self) -> bool {
-        true
+    fn keeps_anything(&self) -> bool {
+        false
     }
 }

@@ -81,11 +81,11 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// acknowledged.
     fn commit(&self, changes: Vec<Change>) -> StoreFuture<'_, ()>;
 
-    /// Whether [`RegistryStore::commit`] is ready when first polled (the
-    /// memory store): the writer then runs each write in place, with
-    /// nothing to batch.
-    fn commits_instantly(&self) -> bool {
-        false
+    /// Whether it keeps anything: `false` for the memory store, whose
+    /// commit does nothing, so the writer applies each write in place
+    /// without calling it.
+    fn keeps_anything(&self) -> bool {
+        true
     }
 }
 
