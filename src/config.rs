@@ -304,6 +304,14 @@ pub struct RegistryConfig {
     pub store: StoreKind,
     /// `store = "file"`: the one file that holds every registration.
     pub path: PathBuf,
+    /// `store = "etcd"` (SPEC §8): the cluster's client URLs.
+    pub endpoints: Vec<String>,
+    /// `store = "etcd"`: every key of this registry starts with it, so
+    /// several registries can share one cluster.
+    pub prefix: String,
+    /// `store = "etcd"`: how long connecting, and each request, may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -311,6 +319,9 @@ impl Default for RegistryConfig {
         Self {
             store: StoreKind::Memory,
             path: PathBuf::from("switchyard.db"),
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/switchyard/".into(),
+            connect_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -323,6 +334,9 @@ pub enum StoreKind {
     Memory,
     /// One crash-safe file: a write is acknowledged once it is on disk.
     File,
+    /// An etcd cluster shared by several gateways (SPEC §8); needs the
+    /// build's `etcd` feature.
+    Etcd,
 }
 
 impl StoreKind {
@@ -330,6 +344,7 @@ impl StoreKind {
         match self {
             Self::Memory => "memory",
             Self::File => "file",
+            Self::Etcd => "etcd",
         }
     }
 }
@@ -531,6 +546,9 @@ impl Config {
                 "must name a file when store = \"file\"",
             ));
         }
+        if self.registry.store == StoreKind::Etcd {
+            validate_etcd(&self.registry)?;
+        }
 
         let l = &self.limits;
         in_range("limits.max_connections", l.max_connections, 1, 1_000_000)?;
@@ -630,6 +648,11 @@ impl Config {
                 "# registry store: file {} (a write is acknowledged once it is on disk)\n",
                 self.registry.path.display()
             ),
+            StoreKind::Etcd => format!(
+                "# registry store: etcd {} prefix {} (a write is acknowledged once etcd committed it)\n",
+                self.registry.endpoints.join(","),
+                self.registry.prefix
+            ),
         });
         let mut figures = |label: &str, policy: &ServicePolicy| {
             let h = &policy.health_check;
@@ -682,6 +705,40 @@ pub fn fmt_duration(d: Duration) -> String {
     } else {
         humantime::format_duration(d).to_string()
     }
+}
+
+/// `store = "etcd"` needs endpoints, a prefix that cannot be confused with
+/// another registry's, and a build that has the etcd client.
+fn validate_etcd(r: &RegistryConfig) -> Result<(), ConfigError> {
+    if !cfg!(feature = "etcd") {
+        return Err(invalid(
+            "registry.store",
+            "\"etcd\" needs a build with the etcd feature (cargo build --release --features etcd)",
+        ));
+    }
+    if r.endpoints.is_empty() {
+        return Err(invalid("registry.endpoints", "must list at least one URL"));
+    }
+    for endpoint in &r.endpoints {
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(invalid(
+                "registry.endpoints",
+                format!("{endpoint:?} must be an http:// or https:// URL"),
+            ));
+        }
+    }
+    if !r.prefix.starts_with('/') || !r.prefix.ends_with('/') || r.prefix.len() < 2 {
+        return Err(invalid(
+            "registry.prefix",
+            "must start and end with \"/\" and name something (\"/switchyard/\")",
+        ));
+    }
+    positive(
+        "registry.connect_timeout",
+        r.connect_timeout,
+        Duration::from_secs(60),
+    )?;
+    Ok(())
 }
 
 /// An override section: the global section with the keys set in `explicit`
@@ -921,6 +978,38 @@ mod tests {
         assert!(c.health_check.interval.is_zero());
         assert_eq!(c.services[0].urls.len(), 2);
         assert_eq!(c.services[0].retry, None);
+    }
+
+    fn validated(text: &str) -> Result<Config, String> {
+        let c = Config::from_toml(text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn the_etcd_store_needs_its_feature_endpoints_and_a_prefix() {
+        let etcd = "[registry]\nstore = \"etcd\"\n";
+        if cfg!(feature = "etcd") {
+            let c = validated(etcd).unwrap();
+            assert_eq!(c.registry.endpoints, ["http://127.0.0.1:2379"]);
+            assert_eq!(c.registry.prefix, "/switchyard/");
+            for (extra, key) in [
+                ("endpoints = []", "registry.endpoints"),
+                ("endpoints = [\"127.0.0.1:2379\"]", "registry.endpoints"),
+                ("prefix = \"switchyard\"", "registry.prefix"),
+                ("prefix = \"/\"", "registry.prefix"),
+                ("connect_timeout = \"0s\"", "registry.connect_timeout"),
+            ] {
+                let e = validated(&format!("{etcd}{extra}\n")).expect_err(extra);
+                assert!(e.contains(key), "{extra}: {e}");
+            }
+        } else {
+            let e = validated(etcd).expect_err("refused without the feature");
+            assert!(
+                e.contains("registry.store") && e.contains("--features etcd"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ impl Gateway {
     }
 
     async fn build(config: Config, seed: Option<u64>) -> Result<Arc<Self>, StoreError> {
-        let store = store::open(&config.registry)?;
+        let store = store::open(&config.registry).await?;
         let config = Arc::new(config);
         let background = CancellationToken::new();
         let checker = HealthChecker::new(background.clone());

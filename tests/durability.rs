@@ -4,186 +4,19 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::collections::HashSet;
+use std::path::PathBuf;
 
-use bytes::Bytes;
-use common::TestClient;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use common::process::{Running, TempDir, call, gateway, listed};
+use http::{Method, StatusCode};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
-
-/// A fresh directory for one test's files, removed afterwards.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "switchyard-durability-{tag}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// A `gateway.toml` with the file store at `registry.db`, checks off.
-    fn config(&self, extra: &str) -> PathBuf {
-        let path = self.path("gateway.toml");
-        let text = format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n\
-             [health_check]\ninterval = \"0s\"\n\
-             [registry]\nstore = \"file\"\npath = \"registry.db\"\n{extra}"
-        );
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn gateway(dir: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    command.current_dir(dir);
-    for var in ["SERVICE_PORT", "SERVICE_NAME", "SWITCHYARD_ADMIN_TOKEN"] {
-        command.env_remove(var);
-    }
-    command.env("RUST_LOG", "info");
-    command
-}
-
-/// The gateway process, killed with SIGKILL when dropped.
-struct Running {
-    child: Child,
-    addr: String,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(dir: &TempDir) -> Self {
-        let mut child = gateway(&dir.0)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut running = Self {
-            child,
-            addr: String::new(),
-            lines,
-        };
-        let line = running.wait_for("listening");
-        running.addr = line
-            .split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .expect("the listening line names the address")
-            .to_string();
-        running
-    }
-
-    fn wait_for(&mut self, needle: &str) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(20))
-                .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    /// `kill -9`: no chance to flush or close anything.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One request; `None` when the gateway is gone.
-async fn call(
-    client: &TestClient,
-    method: Method,
-    url: String,
-    body: Option<serde_json::Value>,
-) -> Option<(StatusCode, serde_json::Value)> {
-    let mut builder = Request::builder().method(method).uri(url);
-    let body = match body {
-        Some(json) => {
-            builder = builder.header("content-type", "application/json");
-            Bytes::from(json.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let response = client
-        .request(builder.body(Full::new(body)).unwrap())
-        .await
-        .ok()?;
-    let status = response.status();
-    let bytes = response.into_body().collect().await.ok()?.to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    Some((status, json))
-}
-
-/// Every instance the gateway lists, as `(service, id) → instance`,
-/// asserting none is listed twice.
-async fn listed(gw: &Running) -> HashMap<(String, String), serde_json::Value> {
-    let client = common::client();
-    let (status, services) = call(&client, Method::GET, gw.url("/services"), None)
-        .await
-        .expect("the gateway answers");
-    assert_eq!(status, StatusCode::OK);
-    let mut all = HashMap::new();
-    let mut urls = HashSet::new();
-    for service in services.as_array().unwrap() {
-        for instance in service["instances"].as_array().unwrap() {
-            let key = (
-                instance["service"].as_str().unwrap().to_string(),
-                instance["id"].as_str().unwrap().to_string(),
-            );
-            let url = instance["url"].as_str().unwrap().to_string();
-            assert!(urls.insert((key.0.clone(), url)), "listed twice: {key:?}");
-            assert!(
-                all.insert(key.clone(), instance.clone()).is_none(),
-                "{key:?}"
-            );
-        }
-    }
-    all
+/// The file store at `registry.db`, before any `extra` sections.
+fn file_config(dir: &TempDir, extra: &str) -> PathBuf {
+    dir.config(&format!(
+        "[registry]\nstore = \"file\"\npath = \"registry.db\"\n{extra}"
+    ))
 }
 
 /// What a client was told.
@@ -277,7 +110,7 @@ impl Books {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_writes_survive_kill_9_mid_stream() {
     let dir = TempDir::new("soak");
-    dir.config("");
+    file_config(&dir, "");
     let mut books = Books::default();
     for round in 0..4 {
         let gw = Running::start(&dir);
@@ -318,7 +151,7 @@ async fn acknowledged_writes_survive_kill_9_mid_stream() {
 #[tokio::test]
 async fn a_restart_keeps_metadata_and_drain_state() {
     let dir = TempDir::new("restart");
-    dir.config("");
+    file_config(&dir, "");
     let gw = Running::start(&dir);
     let client = common::client();
     let (status, body) = call(
@@ -373,7 +206,8 @@ async fn a_restart_keeps_metadata_and_drain_state() {
 #[tokio::test]
 async fn static_services_merge_in_and_the_file_wins_for_its_ids() {
     let dir = TempDir::new("merge");
-    dir.config(
+    file_config(
+        &dir,
         "[[services]]\nname = \"api\"\nurls = [\"http://10.0.0.1:80\", \"http://10.0.0.2:80\"]\n",
     );
     let gw = Running::start(&dir);
@@ -414,7 +248,7 @@ fn refused(dir: &TempDir) -> String {
 #[test]
 fn a_file_that_is_not_a_store_stops_the_start_naming_it() {
     let dir = TempDir::new("garbage");
-    dir.config("");
+    file_config(&dir, "");
     std::fs::write(
         dir.path("registry.db"),
         b"name,url\napi,http://10.0.0.1\n".repeat(200),
@@ -428,7 +262,7 @@ fn a_file_that_is_not_a_store_stops_the_start_naming_it() {
 #[tokio::test]
 async fn a_truncated_store_stops_the_start_naming_it() {
     let dir = TempDir::new("truncated");
-    dir.config("");
+    file_config(&dir, "");
     let gw = Running::start(&dir);
     let client = common::client();
     for n in 0..200 {
@@ -455,7 +289,7 @@ async fn a_truncated_store_stops_the_start_naming_it() {
 #[test]
 fn a_store_path_that_is_a_directory_stops_the_start() {
     let dir = TempDir::new("directory");
-    dir.config("");
+    file_config(&dir, "");
     std::fs::create_dir_all(dir.path("registry.db")).unwrap();
     let stderr = refused(&dir);
     assert!(stderr.contains("registry.db"), "{stderr}");
@@ -464,7 +298,7 @@ fn a_store_path_that_is_a_directory_stops_the_start() {
 #[test]
 fn check_config_names_the_store() {
     let dir = TempDir::new("check");
-    let config = dir.config("");
+    let config = file_config(&dir, "");
     let output = gateway(&dir.0)
         .args(["check-config", "--config", config.to_str().unwrap()])
         .output()

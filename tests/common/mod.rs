@@ -23,6 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use switchyard::{Config, Gateway, server};
 
+pub mod process;
+
 /// A reply: status, headers, body.
 #[derive(Debug)]
 pub struct Reply {

@@ -13,6 +13,8 @@
 //! are live state: after a restart every instance starts `unknown`,
 //! circuit `closed`, checked at once, and each TTL runs from the load.
 
+#[cfg(feature = "etcd")]
+mod etcd;
 mod file;
 mod memory;
 
@@ -91,9 +93,17 @@ pub trait RegistryStore: Send + Sync + 'static {
 
 /// Opens the store `config` names. The error names the file and what is
 /// wrong with it.
-pub fn open(config: &RegistryConfig) -> Result<Box<dyn RegistryStore>, StoreError> {
+pub async fn open(config: &RegistryConfig) -> Result<Box<dyn RegistryStore>, StoreError> {
     match config.store {
         StoreKind::Memory => Ok(Box::new(MemoryStore)),
         StoreKind::File => Ok(Box::new(FileStore::open(&config.path)?)),
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd => Ok(Box::new(etcd::EtcdStore::connect(config).await?)),
+        // Validation refuses `etcd` in a build without it.
+        #[cfg(not(feature = "etcd"))]
+        StoreKind::Etcd => Err(StoreError(
+            "registry store etcd: this build has no etcd client (build with --features etcd)"
+                .into(),
+        )),
     }
 }

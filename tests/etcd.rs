@@ -1,0 +1,194 @@
+//! The etcd store (SPEC §8) against a real etcd (Debian's `etcd-server`,
+//! `/usr/bin/etcd`) started by each test on free ports with its own data
+//! directory. Built only with `--features etcd`.
+
+#![cfg(feature = "etcd")]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::process::{Running, TempDir, call, gateway, listed};
+use http::{Method, StatusCode};
+use serde_json::json;
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One etcd member, killed when dropped.
+struct Etcd {
+    child: Child,
+    client_url: String,
+}
+
+impl Etcd {
+    fn start(dir: &TempDir) -> Self {
+        let (client, peer) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "default", "--data-dir"])
+            .arg(dir.path("etcd"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd runs (Debian: apt-get install etcd-server)");
+        let etcd = Self { child, client_url };
+        etcd.wait_ready();
+        etcd
+    }
+
+    /// Waits for `/health` to answer `"health":"true"`.
+    fn wait_ready(&self) {
+        use std::io::{Read, Write};
+        let addr = self.client_url.trim_start_matches("http://").to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut stream) = std::net::TcpStream::connect(&addr) {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = stream.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer);
+                if answer.contains("\"health\":\"true\"") {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "etcd did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn config(&self, prefix: &str) -> String {
+        format!(
+            "[registry]\nstore = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"{prefix}\"\n\
+             connect_timeout = \"2s\"\n",
+            self.client_url
+        )
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn register(gw: &Running, name: &str, url: &str) -> (StatusCode, serde_json::Value) {
+    let client = common::client();
+    call(
+        &client,
+        Method::POST,
+        gw.url("/services"),
+        Some(json!({"name": name, "url": url, "metadata": {"zone": "b"}})),
+    )
+    .await
+    .expect("the gateway answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_later_loads_what_another_registered() {
+    let dir = TempDir::new("etcd-load");
+    let etcd = Etcd::start(&dir);
+    dir.config(&etcd.config("/test-load/"));
+    let a = Running::start(&dir);
+    for port in 1..=3 {
+        let (status, body) = register(&a, "api", &format!("http://10.0.0.{port}:80")).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let client = common::client();
+    let (status, _) = call(
+        &client,
+        Method::DELETE,
+        a.url("/services/api/instances/10.0.0.2:80"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let b = Running::start(&dir);
+    let loaded = listed(&b).await;
+    let mut ids: Vec<_> = loaded.keys().map(|(_, id)| id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["10.0.0.1:80", "10.0.0.3:80"]);
+    for instance in loaded.values() {
+        assert_eq!(instance["metadata"], json!({"zone": "b"}));
+        assert_eq!(instance["status"], "unknown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefixes_keep_registries_apart() {
+    let dir = TempDir::new("etcd-prefix");
+    let etcd = Etcd::start(&dir);
+    dir.config(&etcd.config("/one/"));
+    let one = Running::start(&dir);
+    let (status, _) = register(&one, "api", "http://10.0.0.1:80").await;
+    assert_eq!(status, StatusCode::CREATED);
+    dir.config(&etcd.config("/two/"));
+    let two = Running::start(&dir);
+    assert!(listed(&two).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_gone_writes_get_503_fast_and_reads_go_on() {
+    let dir = TempDir::new("etcd-outage");
+    let mut etcd = Etcd::start(&dir);
+    dir.config(&etcd.config("/test-outage/"));
+    let gw = Running::start(&dir);
+    let (status, _) = register(&gw, "api", "http://10.0.0.1:80").await;
+    assert_eq!(status, StatusCode::CREATED);
+    etcd.kill();
+
+    let started = Instant::now();
+    let (status, body) = register(&gw, "api", "http://10.0.0.2:80").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable");
+    // Bounded by connect_timeout (2 s), with room for a slow machine.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // Nothing of the refused write was applied; what was there stays.
+    let ids: Vec<_> = listed(&gw).await.into_keys().map(|(_, id)| id).collect();
+    assert_eq!(ids, ["10.0.0.1:80"]);
+    let client = common::client();
+    let (status, _) = call(&client, Method::GET, gw.url("/healthz"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[test]
+fn an_unreachable_etcd_at_start_exits_1_naming_it() {
+    let dir = TempDir::new("etcd-unreachable");
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    dir.config(&format!(
+        "[registry]\nstore = \"etcd\"\nendpoints = [\"{endpoint}\"]\nconnect_timeout = \"1s\"\n"
+    ));
+    let started = Instant::now();
+    let output = gateway(&dir.0).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&endpoint), "{stderr}");
+    assert!(!stderr.contains("listening"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
