@@ -134,6 +134,85 @@ async fn a_gateway_started_later_loads_what_another_registered() {
     }
 }
 
+/// Polls `gw`'s listing until `ready` holds of it.
+async fn until_listed<F>(gw: &Running, what: &str, ready: F)
+where
+    F: Fn(&std::collections::HashMap<(String, String), serde_json::Value>) -> bool,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if ready(&listed(gw).await) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn key(service: &str, id: &str) -> (String, String) {
+    (service.to_string(), id.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_follow_each_others_writes() {
+    let dir = TempDir::new("etcd-two");
+    let etcd = Etcd::start(&dir);
+    dir.config(&etcd.config("/test-two/"));
+    let a = Running::start(&dir);
+    let b = Running::start(&dir);
+    let client = common::client();
+
+    let (status, _) = register(&a, "api", "http://10.0.0.1:80").await;
+    assert_eq!(status, StatusCode::CREATED);
+    until_listed(&b, "A's registration at B", |l| {
+        l.contains_key(&key("api", "10.0.0.1:80"))
+    })
+    .await;
+    let (status, _) = register(&b, "api", "http://10.0.0.2:80").await;
+    assert_eq!(status, StatusCode::CREATED);
+    until_listed(&a, "B's registration at A", |l| {
+        l.contains_key(&key("api", "10.0.0.2:80"))
+    })
+    .await;
+
+    // A drain at B is followed at A, and A no longer routes to it.
+    let (status, _) = call(
+        &client,
+        Method::PUT,
+        b.url("/services/api/instances/10.0.0.1:80/state"),
+        Some(json!({"state": "draining"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    until_listed(&a, "the drain at A", |l| {
+        l.get(&key("api", "10.0.0.1:80"))
+            .is_some_and(|i| i["state"] == "draining" && i["routable"] == false)
+    })
+    .await;
+
+    // A removal at A is followed at B.
+    let (status, _) = call(
+        &client,
+        Method::DELETE,
+        a.url("/services/api/instances/10.0.0.2:80"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    until_listed(&b, "the removal at B", |l| {
+        !l.contains_key(&key("api", "10.0.0.2:80"))
+    })
+    .await;
+    // Each lists exactly the one left, once: its own writes did not come
+    // back to it as extra changes.
+    for gw in [&a, &b] {
+        let ids: Vec<_> = listed(gw).await.into_keys().collect();
+        assert_eq!(ids, [key("api", "10.0.0.1:80")]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefixes_keep_registries_apart() {
     let dir = TempDir::new("etcd-prefix");

@@ -235,6 +235,17 @@ impl Registry {
                 });
             }));
         }
+        if let Some(mut changes) = self.store.follow() {
+            let registry = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while let Some(change) = changes.recv().await {
+                    let Some(registry) = registry.upgrade() else {
+                        return;
+                    };
+                    let _ = registry.write(Write::Remote(change)).await;
+                }
+            });
+        }
         if let Some(mut removals) = self.checker.take_removals() {
             let registry = Arc::downgrade(self);
             tokio::spawn(async move {
@@ -345,6 +356,7 @@ impl Registry {
                     apply: Apply::Drain(instance, record),
                 }
             }
+            Write::Remote(change) => self.plan_remote(change, batch),
             Write::RemoveInstance { service, id } => {
                 let instance = match self.service(service) {
                     Ok(entry) => match entry.instance(id) {
@@ -417,6 +429,54 @@ impl Registry {
                     "instance removed: unhealthy for deregister_after"
                 );
                 remove(&instance)
+            }
+        }
+    }
+
+    /// A change from the shared store: nothing to commit, and no limit
+    /// applies (the gateway that took the write checked them). Its TTL is
+    /// left to the gateway that took the registration, which receives the
+    /// heartbeats.
+    fn plan_remote(&self, change: &Change, batch: &mut Batch) -> Plan {
+        match change {
+            Change::Put(record) => {
+                if InstanceUrl::parse(&record.url).is_err() {
+                    tracing::warn!(
+                        service = record.service,
+                        instance = record.id,
+                        "shared instance skipped: its URL is not valid"
+                    );
+                    return Plan::Nothing;
+                }
+                if !batch.claim(&record.service, &record.id) {
+                    return Plan::Later;
+                }
+                let created = self.find(&record.service, &record.id).is_none();
+                Plan::Do {
+                    changes: Vec::new(),
+                    apply: Apply::Put {
+                        record: Record {
+                            ttl_ms: None,
+                            ..record.clone()
+                        },
+                        created,
+                    },
+                }
+            }
+            Change::Delete { service, id } => {
+                if self.find(service, id).is_none() {
+                    return Plan::Nothing;
+                }
+                if !batch.claim(service, id) {
+                    return Plan::Later;
+                }
+                Plan::Do {
+                    changes: Vec::new(),
+                    apply: Apply::Remove {
+                        service: service.as_str().into(),
+                        id: id.as_str().into(),
+                    },
+                }
             }
         }
     }

@@ -67,6 +67,9 @@ pub enum Write {
         service: Arc<str>,
         id: Arc<str>,
     },
+    /// A change another gateway committed to the shared store: applied to
+    /// memory only, in turn with this gateway's own writes.
+    Remote(Change),
 }
 
 /// What a write did.

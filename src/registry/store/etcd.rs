@@ -12,11 +12,27 @@
 //! Every request is bounded by `connect_timeout`, so an unreachable
 //! cluster fails a write fast (503 `store_unavailable`) instead of
 //! hanging it.
+//!
+//! Agreement: [`RegistryStore::follow`] watches the prefix from the
+//! revision right after the load, so every change any gateway commits
+//! reaches this one, in etcd's order. This gateway's own commits come back
+//! too; their revisions are remembered and skipped. When the watch breaks
+//! (etcd restarted, the network), it is made again from the revision after
+//! the last one seen.
 
-use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use tokio::sync::mpsc;
 
 use super::{Change, Record, RegistryStore, StoreError, StoreFuture};
 use crate::config::RegistryConfig;
+
+/// Pause before making a broken watch again.
+const REWATCH_AFTER: Duration = Duration::from_millis(250);
 
 /// Operations per etcd transaction (etcd's default `--max-txn-ops`).
 const MAX_TXN_OPS: usize = 128;
@@ -25,6 +41,10 @@ pub struct EtcdStore {
     client: Client,
     prefix: String,
     endpoints: String,
+    /// The revision the load read.
+    loaded_at: AtomicI64,
+    /// Revisions of this gateway's own commits not yet seen by the watch.
+    own: Arc<Mutex<BTreeSet<i64>>>,
 }
 
 impl EtcdStore {
@@ -54,7 +74,18 @@ impl EtcdStore {
             client,
             prefix: config.prefix.clone(),
             endpoints,
+            loaded_at: AtomicI64::new(0),
+            own: Arc::default(),
         })
+    }
+
+    fn remember(&self, revision: Option<i64>) {
+        if let Some(revision) = revision {
+            self.own
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(revision);
+        }
     }
 
     fn instances(&self) -> String {
@@ -96,6 +127,8 @@ impl RegistryStore for EtcdStore {
                 .get(self.instances(), Some(GetOptions::new().with_prefix()))
                 .await
                 .map_err(|e| self.fail("cannot read", e))?;
+            let revision = response.header().map_or(0, |h| h.revision());
+            self.loaded_at.store(revision, Ordering::Relaxed);
             let mut records = Vec::with_capacity(response.kvs().len());
             for kv in response.kvs() {
                 let record: Record = serde_json::from_slice(kv.value()).map_err(|e| {
@@ -116,17 +149,130 @@ impl RegistryStore for EtcdStore {
                 ops.push(self.op(change));
                 if ops.len() == MAX_TXN_OPS {
                     let txn = Txn::new().and_then(std::mem::take(&mut ops));
-                    kv.txn(txn)
+                    let done = kv
+                        .txn(txn)
                         .await
                         .map_err(|e| self.fail("cannot write", e))?;
+                    self.remember(done.header().map(|h| h.revision()));
                 }
             }
             if !ops.is_empty() {
-                kv.txn(Txn::new().and_then(ops))
+                let done = kv
+                    .txn(Txn::new().and_then(ops))
                     .await
                     .map_err(|e| self.fail("cannot write", e))?;
+                self.remember(done.header().map(|h| h.revision()));
             }
             Ok(())
         })
+    }
+
+    fn follow(&self) -> Option<mpsc::UnboundedReceiver<Change>> {
+        let (changes, received) = mpsc::unbounded_channel();
+        let watch = Watch {
+            client: self.client.clone(),
+            instances: self.instances(),
+            own: self.own.clone(),
+            endpoints: self.endpoints.clone(),
+            next: self.loaded_at.load(Ordering::Relaxed) + 1,
+        };
+        tokio::spawn(watch.run(changes));
+        Some(received)
+    }
+}
+
+/// The watch of the instances' keys, made again when it breaks.
+struct Watch {
+    client: Client,
+    instances: String,
+    own: Arc<Mutex<BTreeSet<i64>>>,
+    endpoints: String,
+    /// The first revision not yet seen.
+    next: i64,
+}
+
+impl Watch {
+    /// Sends every change of others until the receiver is dropped.
+    async fn run(mut self, changes: mpsc::UnboundedSender<Change>) {
+        while !changes.is_closed() {
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(self.next);
+            let mut watcher = self.client.watch_client();
+            match watcher.watch(self.instances.clone(), Some(options)).await {
+                Ok(mut stream) => loop {
+                    match stream.message().await {
+                        Ok(Some(response)) => {
+                            if response.compact_revision() > 0 {
+                                tracing::error!(
+                                    endpoints = self.endpoints,
+                                    from = self.next,
+                                    compacted = response.compact_revision(),
+                                    "registry store etcd: the watch's revision was compacted; \
+                                     changes between them are missed until a restart"
+                                );
+                                self.next = response.compact_revision();
+                                break;
+                            }
+                            if response.canceled() {
+                                break;
+                            }
+                            for event in response.events() {
+                                if let Some(change) = self.change_of(event) {
+                                    let _ = changes.send(change);
+                                }
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(
+                                endpoints = self.endpoints,
+                                error = %e,
+                                "registry store etcd: the watch broke; making it again"
+                            );
+                            break;
+                        }
+                    }
+                },
+                Err(e) => tracing::debug!(error = %e, "registry store etcd: cannot watch yet"),
+            }
+            tokio::time::sleep(REWATCH_AFTER).await;
+        }
+    }
+
+    /// The change an event stands for, unless this gateway made it.
+    fn change_of(&mut self, event: &etcd_client::Event) -> Option<Change> {
+        let kv = event.kv()?;
+        let revision = kv.mod_revision();
+        self.next = self.next.max(revision + 1);
+        {
+            let mut own = self.own.lock().unwrap_or_else(PoisonError::into_inner);
+            // Revisions come in order: own ones below this were seen.
+            *own = own.split_off(&revision);
+            if own.contains(&revision) {
+                return None;
+            }
+        }
+        match event.event_type() {
+            EventType::Put => match serde_json::from_slice::<Record>(kv.value()) {
+                Ok(record) => Some(Change::Put(record)),
+                Err(e) => {
+                    tracing::warn!(
+                        key = %String::from_utf8_lossy(kv.key()),
+                        error = %e,
+                        "registry store etcd: a value that is not an instance was skipped"
+                    );
+                    None
+                }
+            },
+            EventType::Delete => {
+                let key = std::str::from_utf8(kv.key()).ok()?;
+                let (service, id) = key.strip_prefix(&self.instances)?.split_once('/')?;
+                Some(Change::Delete {
+                    service: service.to_string(),
+                    id: id.to_string(),
+                })
+            }
+        }
     }
 }

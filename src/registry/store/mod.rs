@@ -83,6 +83,14 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// acknowledged.
     fn commit(&self, changes: Vec<Change>) -> StoreFuture<'_, ()>;
 
+    /// The changes other gateways commit from now on (a store shared by
+    /// several, SPEC §8), from right after what [`RegistryStore::load`]
+    /// read; `None` for a store only this gateway writes. Called once,
+    /// after `load`.
+    fn follow(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+        None
+    }
+
     /// Whether it keeps anything: `false` for the memory store, whose
     /// commit does nothing, so the writer applies each write in place
     /// without calling it.
