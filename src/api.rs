@@ -26,11 +26,18 @@ use crate::registry::{
 /// Registry request bodies larger than this get 413.
 pub const MAX_REGISTRY_BODY: usize = 64 * 1024;
 
-/// Serves `GET /healthz`, the gateway's own liveness.
-pub fn healthz(method: &Method) -> Result<Response<Body>, GatewayError> {
+/// Serves `GET /healthz`, the gateway's own liveness: 200
+/// `{"status":"ok"}` while it serves, plus `degraded` saying why its
+/// registry store cannot be reached when it cannot (writes are refused
+/// meanwhile; routing goes on).
+pub fn healthz(method: &Method, registry: &Registry) -> Result<Response<Body>, GatewayError> {
     match *method {
         Method::GET | Method::HEAD => {
-            Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+            let body = match registry.store_unreachable() {
+                None => serde_json::json!({"status": "ok"}),
+                Some(why) => serde_json::json!({"status": "ok", "degraded": why}),
+            };
+            Ok(json(StatusCode::OK, &body))
         }
         _ => Err(GatewayError::method_not_allowed("GET, HEAD")),
     }

@@ -320,7 +320,7 @@ impl Default for RegistryConfig {
             store: StoreKind::Memory,
             path: PathBuf::from("switchyard.db"),
             endpoints: vec!["http://127.0.0.1:2379".into()],
-            prefix: "/switchyard/".into(),
+            prefix: "/switchyard".into(),
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -727,10 +727,10 @@ fn validate_etcd(r: &RegistryConfig) -> Result<(), ConfigError> {
             ));
         }
     }
-    if !r.prefix.starts_with('/') || !r.prefix.ends_with('/') || r.prefix.len() < 2 {
+    if !r.prefix.starts_with('/') || r.prefix.trim_matches('/').is_empty() {
         return Err(invalid(
             "registry.prefix",
-            "must start and end with \"/\" and name something (\"/switchyard/\")",
+            "must start with \"/\" and name something (\"/switchyard\")",
         ));
     }
     positive(
@@ -992,12 +992,14 @@ mod tests {
         if cfg!(feature = "etcd") {
             let c = validated(etcd).unwrap();
             assert_eq!(c.registry.endpoints, ["http://127.0.0.1:2379"]);
-            assert_eq!(c.registry.prefix, "/switchyard/");
+            assert_eq!(c.registry.prefix, "/switchyard");
+            validated(&format!("{etcd}prefix = \"/team-a/switchyard/\"\n")).unwrap();
             for (extra, key) in [
                 ("endpoints = []", "registry.endpoints"),
                 ("endpoints = [\"127.0.0.1:2379\"]", "registry.endpoints"),
                 ("prefix = \"switchyard\"", "registry.prefix"),
                 ("prefix = \"/\"", "registry.prefix"),
+                ("prefix = \"\"", "registry.prefix"),
                 ("connect_timeout = \"0s\"", "registry.connect_timeout"),
             ] {
                 let e = validated(&format!("{etcd}{extra}\n")).expect_err(extra);

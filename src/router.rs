@@ -88,7 +88,7 @@ impl Service<Request<Body>> for Router {
             });
         }
         let answer = if path == "/healthz" {
-            api::healthz(request.method())
+            api::healthz(request.method(), self.gateway.registry())
         } else {
             Err(api::not_found(path))
         };

@@ -26,6 +26,8 @@ fn free_port() -> u16 {
 struct Etcd {
     child: Child,
     client_url: String,
+    peer_url: String,
+    data: std::path::PathBuf,
 }
 
 impl Etcd {
@@ -33,21 +35,38 @@ impl Etcd {
         let (client, peer) = (free_port(), free_port());
         let client_url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let data = dir.path("etcd");
+        let child = Self::spawn(&client_url, &peer_url, &data);
+        let etcd = Self {
+            child,
+            client_url,
+            peer_url,
+            data,
+        };
+        etcd.wait_ready();
+        etcd
+    }
+
+    /// Starts it again, killed, on the same ports and data.
+    fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.client_url, &self.peer_url, &self.data);
+        self.wait_ready();
+    }
+
+    fn spawn(client_url: &str, peer_url: &str, data: &std::path::Path) -> Child {
+        Command::new("etcd")
             .args(["--name", "default", "--data-dir"])
-            .arg(dir.path("etcd"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
+            .arg(data)
+            .args(["--listen-client-urls", client_url])
+            .args(["--advertise-client-urls", client_url])
+            .args(["--listen-peer-urls", peer_url])
+            .args(["--initial-advertise-peer-urls", peer_url])
             .args(["--initial-cluster", &format!("default={peer_url}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("etcd runs (Debian: apt-get install etcd-server)");
-        let etcd = Self { child, client_url };
-        etcd.wait_ready();
-        etcd
+            .expect("etcd runs (Debian: apt-get install etcd-server)")
     }
 
     /// Waits for `/health` to answer `"health":"true"`.
@@ -226,6 +245,63 @@ async fn prefixes_keep_registries_apart() {
     assert!(listed(&two).await.is_empty());
 }
 
+async fn degraded(gw: &Running) -> serde_json::Value {
+    let client = common::client();
+    let (status, body) = call(&client, Method::GET, gw.url("/healthz"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["degraded"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_an_etcd_restart_writes_resume_and_gateways_follow_again() {
+    let dir = TempDir::new("etcd-restart");
+    let mut etcd = Etcd::start(&dir);
+    dir.config(&etcd.config("/switchyard"));
+    let a = Running::start(&dir);
+    let b = Running::start(&dir);
+    let (status, _) = register(&a, "api", "http://10.0.0.1:80").await;
+    assert_eq!(status, StatusCode::CREATED);
+    until_listed(&b, "the first registration at B", |l| l.len() == 1).await;
+    assert_eq!(degraded(&a).await, serde_json::Value::Null);
+
+    etcd.kill();
+    let (status, _) = register(&a, "api", "http://10.0.0.2:80").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(degraded(&a).await.is_string(), "a failed write marks it");
+    // B learns it from its broken watch.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !degraded(&b).await.is_string() {
+        assert!(Instant::now() < deadline, "B never saw etcd go");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    etcd.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = register(&a, "api", "http://10.0.0.3:80").await;
+        if status == StatusCode::CREATED {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(Instant::now() < deadline, "writes never resumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(degraded(&a).await, serde_json::Value::Null);
+    // B's watch resumed from its revision: it routes by the new one, and
+    // nothing acknowledged before the outage is lost or doubled.
+    until_listed(&b, "the registration after the restart at B", |l| {
+        l.contains_key(&key("api", "10.0.0.3:80"))
+    })
+    .await;
+    for gw in [&a, &b] {
+        let mut ids: Vec<_> = listed(gw).await.into_keys().map(|(_, id)| id).collect();
+        ids.sort();
+        assert_eq!(ids, ["10.0.0.1:80", "10.0.0.3:80"]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_etcd_gone_writes_get_503_fast_and_reads_go_on() {
     let dir = TempDir::new("etcd-outage");
@@ -234,6 +310,7 @@ async fn with_etcd_gone_writes_get_503_fast_and_reads_go_on() {
     let gw = Running::start(&dir);
     let (status, _) = register(&gw, "api", "http://10.0.0.1:80").await;
     assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(degraded(&gw).await, serde_json::Value::Null);
     etcd.kill();
 
     let started = Instant::now();
@@ -249,11 +326,11 @@ async fn with_etcd_gone_writes_get_503_fast_and_reads_go_on() {
     // Nothing of the refused write was applied; what was there stays.
     let ids: Vec<_> = listed(&gw).await.into_keys().map(|(_, id)| id).collect();
     assert_eq!(ids, ["10.0.0.1:80"]);
-    let client = common::client();
-    let (status, _) = call(&client, Method::GET, gw.url("/healthz"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    let degraded = degraded(&gw).await;
+    assert!(
+        degraded.as_str().is_some_and(|d| d.contains("etcd")),
+        "{degraded}"
+    );
 }
 
 #[test]

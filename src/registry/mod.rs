@@ -293,6 +293,11 @@ impl Registry {
     }
 
     /// Instances registered, registry-wide.
+    /// Why the registry's store cannot be reached now, if it cannot.
+    pub fn store_unreachable(&self) -> Option<String> {
+        self.store.unreachable()
+    }
+
     pub fn instance_count(&self) -> usize {
         self.instance_count.load(Ordering::Relaxed)
     }

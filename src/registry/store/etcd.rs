@@ -1,7 +1,7 @@
 //! The etcd store (SPEC §8): the registry of several gateways in one etcd
 //! cluster, through `etcd-client` (tonic).
 //!
-//! One key per instance, `<prefix>instances/<service>/<id>`, its value the
+//! One key per instance, `<prefix>/instances/<service>/<id>`, its value the
 //! [`Record`] as JSON. A commit is one etcd transaction holding every
 //! change of the batch, so a write is acknowledged once etcd has committed
 //! it. etcd refuses transactions of more than `--max-txn-ops` (128 by
@@ -45,6 +45,25 @@ pub struct EtcdStore {
     loaded_at: AtomicI64,
     /// Revisions of this gateway's own commits not yet seen by the watch.
     own: Arc<Mutex<BTreeSet<i64>>>,
+    /// Why etcd cannot be reached, as the last commit or the watch found.
+    unreachable: Reachability,
+}
+
+/// Whether etcd answered the last time it was asked, and if not, why.
+#[derive(Debug, Clone, Default)]
+struct Reachability(Arc<Mutex<Option<String>>>);
+
+impl Reachability {
+    fn set(&self, why: Option<String>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = why;
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl EtcdStore {
@@ -72,10 +91,11 @@ impl EtcdStore {
         };
         Ok(Self {
             client,
-            prefix: config.prefix.clone(),
+            prefix: format!("{}/", config.prefix.trim_end_matches('/')),
             endpoints,
             loaded_at: AtomicI64::new(0),
             own: Arc::default(),
+            unreachable: Reachability::default(),
         })
     }
 
@@ -143,9 +163,39 @@ impl RegistryStore for EtcdStore {
 
     fn commit(&self, changes: Vec<Change>) -> StoreFuture<'_, ()> {
         Box::pin(async move {
+            let done = self.commit_all(&changes).await;
+            self.unreachable
+                .set(done.as_ref().err().map(|e| e.0.clone()));
+            done
+        })
+    }
+
+    fn unreachable(&self) -> Option<String> {
+        self.unreachable.get()
+    }
+
+    fn follow(&self) -> Option<mpsc::UnboundedReceiver<Change>> {
+        let (changes, received) = mpsc::unbounded_channel();
+        let watch = Watch {
+            client: self.client.clone(),
+            instances: self.instances(),
+            own: self.own.clone(),
+            endpoints: self.endpoints.clone(),
+            next: self.loaded_at.load(Ordering::Relaxed) + 1,
+            unreachable: self.unreachable.clone(),
+        };
+        tokio::spawn(watch.run(changes));
+        Some(received)
+    }
+}
+
+impl EtcdStore {
+    /// Commits `changes` in as few transactions as etcd takes.
+    async fn commit_all(&self, changes: &[Change]) -> Result<(), StoreError> {
+        {
             let mut kv = self.client.kv_client();
             let mut ops = Vec::with_capacity(changes.len().min(MAX_TXN_OPS));
-            for change in &changes {
+            for change in changes {
                 ops.push(self.op(change));
                 if ops.len() == MAX_TXN_OPS {
                     let txn = Txn::new().and_then(std::mem::take(&mut ops));
@@ -164,20 +214,7 @@ impl RegistryStore for EtcdStore {
                 self.remember(done.header().map(|h| h.revision()));
             }
             Ok(())
-        })
-    }
-
-    fn follow(&self) -> Option<mpsc::UnboundedReceiver<Change>> {
-        let (changes, received) = mpsc::unbounded_channel();
-        let watch = Watch {
-            client: self.client.clone(),
-            instances: self.instances(),
-            own: self.own.clone(),
-            endpoints: self.endpoints.clone(),
-            next: self.loaded_at.load(Ordering::Relaxed) + 1,
-        };
-        tokio::spawn(watch.run(changes));
-        Some(received)
+        }
     }
 }
 
@@ -189,6 +226,7 @@ struct Watch {
     endpoints: String,
     /// The first revision not yet seen.
     next: i64,
+    unreachable: Reachability,
 }
 
 impl Watch {
@@ -201,6 +239,7 @@ impl Watch {
             let mut watcher = self.client.watch_client();
             match watcher.watch(self.instances.clone(), Some(options)).await {
                 Ok(mut stream) => loop {
+                    self.unreachable.set(None);
                     match stream.message().await {
                         Ok(Some(response)) => {
                             if response.compact_revision() > 0 {
@@ -230,11 +269,21 @@ impl Watch {
                                 error = %e,
                                 "registry store etcd: the watch broke; making it again"
                             );
+                            self.unreachable.set(Some(format!(
+                                "registry store etcd {}: the watch broke: {e}",
+                                self.endpoints
+                            )));
                             break;
                         }
                     }
                 },
-                Err(e) => tracing::debug!(error = %e, "registry store etcd: cannot watch yet"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "registry store etcd: cannot watch yet");
+                    self.unreachable.set(Some(format!(
+                        "registry store etcd {}: cannot watch: {e}",
+                        self.endpoints
+                    )));
+                }
             }
             tokio::time::sleep(REWATCH_AFTER).await;
         }

@@ -91,6 +91,13 @@ pub trait RegistryStore: Send + Sync + 'static {
         None
     }
 
+    /// Why the store cannot be reached now, if it cannot (writes fail with
+    /// 503 `store_unavailable` meanwhile); `None` when it can, or when it
+    /// is local.
+    fn unreachable(&self) -> Option<String> {
+        None
+    }
+
     /// Whether it keeps anything: `false` for the memory store, whose
     /// commit does nothing, so the writer applies each write in place
     /// without calling it.
