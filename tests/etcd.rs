@@ -232,6 +232,48 @@ async fn two_gateways_follow_each_others_writes() {
     }
 }
 
+/// A TTL instance lives on an etcd lease: heartbeats at the other gateway
+/// keep it, and once they stop it expires everywhere, though the gateway
+/// that took the registration was killed long before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_outlives_its_gateway_and_expires_at_the_other() {
+    let dir = TempDir::new("etcd-lease");
+    let etcd = Etcd::start(&dir);
+    dir.config(&etcd.config("/test-lease"));
+    let a = Running::start(&dir);
+    let b = Running::start(&dir);
+    let client = common::client();
+    let (status, body) = call(
+        &client,
+        Method::POST,
+        a.url("/services"),
+        Some(json!({"name": "api", "url": "http://10.0.0.1:80", "ttl": "2s"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    until_listed(&b, "the TTL instance at B", |l| l.len() == 1).await;
+    a.kill();
+
+    // Heartbeats at B, for three TTLs: the instance stays.
+    let beats_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < beats_until {
+        let (status, body) = call(
+            &client,
+            Method::PUT,
+            b.url("/services/api/instances/10.0.0.1:80/heartbeat"),
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(listed(&b).await.len(), 1, "kept alive by B's heartbeats");
+    // No more heartbeats: etcd expires the lease and B drops it.
+    until_listed(&b, "the expiry at B", |l| l.is_empty()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefixes_keep_registries_apart() {
     let dir = TempDir::new("etcd-prefix");

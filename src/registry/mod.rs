@@ -334,8 +334,15 @@ impl Registry {
                 if !batch.claim(service, id) {
                     return Plan::Later;
                 }
+                let changes = match self.store.keeps_ttls() {
+                    true => vec![Change::Renew {
+                        service: service.clone(),
+                        id: id.clone(),
+                    }],
+                    false => Vec::new(),
+                };
                 Plan::Do {
-                    changes: Vec::new(),
+                    changes,
                     apply: Apply::Renew(instance),
                 }
             }
@@ -440,8 +447,7 @@ impl Registry {
 
     /// A change from the shared store: nothing to commit, and no limit
     /// applies (the gateway that took the write checked them). Its TTL is
-    /// left to the gateway that took the registration, which receives the
-    /// heartbeats.
+    /// the shared store's to run (etcd leases).
     fn plan_remote(&self, change: &Change, batch: &mut Batch) -> Plan {
         match change {
             Change::Put(record) => {
@@ -460,14 +466,12 @@ impl Registry {
                 Plan::Do {
                     changes: Vec::new(),
                     apply: Apply::Put {
-                        record: Record {
-                            ttl_ms: None,
-                            ..record.clone()
-                        },
+                        record: record.clone(),
                         created,
                     },
                 }
             }
+            Change::Renew { .. } => Plan::Nothing,
             Change::Delete { service, id } => {
                 if self.find(service, id).is_none() {
                     return Plan::Nothing;
@@ -692,6 +696,10 @@ impl Registry {
 
     /// Starts (or renews) the instance's TTL, or clears it if it has none.
     fn arm_ttl(&self, instance: &Instance) {
+        if self.store.keeps_ttls() {
+            // The store removes it when its TTL runs out.
+            return;
+        }
         match instance.renew(Instant::now()) {
             Some(deadline) => {
                 self.expiry

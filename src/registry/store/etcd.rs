@@ -13,6 +13,12 @@
 //! cluster fails a write fast (503 `store_unavailable`) instead of
 //! hanging it.
 //!
+//! TTLs live on etcd leases: an instance registered with a TTL is put on
+//! a lease granted for it, a heartbeat at any gateway keeps that lease
+//! alive, and etcd deletes the key when it runs out, which every gateway
+//! then sees as a removal, even when the gateway that took the
+//! registration is gone.
+//!
 //! Agreement: [`RegistryStore::follow`] watches the prefix from the
 //! revision right after the load, so every change any gateway commits
 //! reaches this one, in etcd's order. This gateway's own commits come back
@@ -25,7 +31,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use tokio::sync::mpsc;
 
 use super::{Change, Record, RegistryStore, StoreError, StoreFuture};
@@ -123,14 +131,60 @@ impl EtcdStore {
         ))
     }
 
-    fn op(&self, change: &Change) -> TxnOp {
-        match change {
+    /// The transaction operation of `change`, if it has one: a put of an
+    /// instance with a TTL goes on a lease granted for it first, and a
+    /// renewal is a keep-alive of the instance's lease, sent here.
+    async fn op(&self, change: &Change) -> Result<Option<TxnOp>, StoreError> {
+        Ok(Some(match change {
             Change::Put(record) => {
                 // Serializing a record of strings cannot fail.
                 let value = serde_json::to_vec(record).unwrap_or_default();
-                TxnOp::put(self.key(&record.service, &record.id), value, None)
+                let options = match record.ttl_ms {
+                    Some(ttl) => Some(PutOptions::new().with_lease(self.grant(ttl).await?)),
+                    None => None,
+                };
+                TxnOp::put(self.key(&record.service, &record.id), value, options)
             }
             Change::Delete { service, id } => TxnOp::delete(self.key(service, id), None),
+            Change::Renew { service, id } => {
+                self.keep_alive(service, id).await?;
+                return Ok(None);
+            }
+        }))
+    }
+
+    /// A lease of `ttl_ms`, rounded up to etcd's whole seconds.
+    async fn grant(&self, ttl_ms: u64) -> Result<i64, StoreError> {
+        let seconds = ttl_ms.div_ceil(1000).max(1) as i64;
+        let granted = self
+            .client
+            .lease_client()
+            .grant(seconds, None)
+            .await
+            .map_err(|e| self.fail("cannot grant a lease", e))?;
+        Ok(granted.id())
+    }
+
+    /// Renews the lease the instance's key is on, if it is on one.
+    async fn keep_alive(&self, service: &str, id: &str) -> Result<(), StoreError> {
+        let key = self.key(service, id);
+        let found = self
+            .client
+            .kv_client()
+            .get(key.as_str(), None)
+            .await
+            .map_err(|e| self.fail("cannot read", e))?;
+        let Some(lease) = found.kvs().first().map(|kv| kv.lease()).filter(|&l| l != 0) else {
+            // Gone already (its delete is on its way) or without a TTL.
+            return Ok(());
+        };
+        // Opening the keep-alive stream sends one renewal and waits for
+        // its answer; that is the whole heartbeat.
+        match self.client.lease_client().keep_alive(lease).await {
+            Ok(_) => Ok(()),
+            // Expired meanwhile: its key's deletion is on its way.
+            Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(()),
+            Err(e) => Err(self.fail("cannot renew a lease", e)),
         }
     }
 }
@@ -174,6 +228,10 @@ impl RegistryStore for EtcdStore {
         self.unreachable.get()
     }
 
+    fn keeps_ttls(&self) -> bool {
+        true
+    }
+
     fn follow(&self) -> Option<mpsc::UnboundedReceiver<Change>> {
         let (changes, received) = mpsc::unbounded_channel();
         let watch = Watch {
@@ -196,7 +254,10 @@ impl EtcdStore {
             let mut kv = self.client.kv_client();
             let mut ops = Vec::with_capacity(changes.len().min(MAX_TXN_OPS));
             for change in changes {
-                ops.push(self.op(change));
+                let Some(op) = self.op(change).await? else {
+                    continue;
+                };
+                ops.push(op);
                 if ops.len() == MAX_TXN_OPS {
                     let txn = Txn::new().and_then(std::mem::take(&mut ops));
                     let done = kv

@@ -129,6 +129,7 @@ impl FileStore {
                     Change::Delete { service, id } => {
                         records.remove(&(service, id));
                     }
+                    Change::Renew { .. } => {}
                 }
             }
         }
@@ -191,6 +192,7 @@ impl FileStore {
                             .remove((service.as_str(), id.as_str()))
                             .map_err(redb)?;
                     }
+                    Change::Renew { .. } => {}
                 }
             }
         }

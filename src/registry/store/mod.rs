@@ -53,6 +53,9 @@ pub enum Change {
     Put(Record),
     /// The instance is gone.
     Delete { service: String, id: String },
+    /// A heartbeat: the instance's TTL starts again. Only a store that
+    /// keeps TTLs itself ([`RegistryStore::keeps_ttls`]) is sent these.
+    Renew { service: String, id: String },
 }
 
 /// Why a store could not be opened, read or written.
@@ -96,6 +99,14 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// is local.
     fn unreachable(&self) -> Option<String> {
         None
+    }
+
+    /// Whether it runs the TTLs itself (etcd leases): then heartbeats are
+    /// committed to it as [`Change::Renew`], it removes an instance whose
+    /// TTL ran out (whichever gateway took the registration, even a dead
+    /// one), and the gateway's own timer wheel stays out of it.
+    fn keeps_ttls(&self) -> bool {
+        false
     }
 
     /// Whether it keeps anything: `false` for the memory store, whose
