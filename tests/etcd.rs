@@ -274,6 +274,85 @@ async fn a_lease_outlives_its_gateway_and_expires_at_the_other() {
     until_listed(&b, "the expiry at B", |l| l.is_empty()).await;
 }
 
+fn signal(gw: &Running, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// B misses changes that etcd then compacts away: when its watch comes
+/// back it finds its revision gone, reloads everything and applies the
+/// difference, removals included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_revision_was_compacted_reloads_everything() {
+    let dir = TempDir::new("etcd-compact");
+    let mut etcd = Etcd::start(&dir);
+    dir.config(&etcd.config("/test-compact"));
+    let a = Running::start(&dir);
+    let mut b = Running::start(&dir);
+    for port in 1..=2 {
+        let (status, _) = register(&a, "api", &format!("http://10.0.0.{port}:80")).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    until_listed(&b, "both at B", |l| l.len() == 2).await;
+
+    // B loses etcd, and is frozen before it can watch again.
+    etcd.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !degraded(&b).await.is_string() {
+        assert!(Instant::now() < deadline, "B never saw etcd go");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&b, "-STOP");
+    etcd.restart();
+
+    // Meanwhile at A: one removed, one added, and the history compacted.
+    let client = common::client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = register(&a, "api", "http://10.0.0.3:80").await;
+        if status == StatusCode::CREATED {
+            break;
+        }
+        assert!(Instant::now() < deadline, "writes never resumed at A");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = call(
+        &client,
+        Method::DELETE,
+        a.url("/services/api/instances/10.0.0.1:80"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let mut etcd_client = etcd_client::Client::connect([etcd.client_url.as_str()], None)
+        .await
+        .unwrap();
+    let now = etcd_client.get("x", None).await.unwrap();
+    let revision = now.header().unwrap().revision();
+    etcd_client
+        .compact(
+            revision,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .unwrap();
+
+    signal(&b, "-CONT");
+    until_listed(&b, "B caught up", |l| {
+        let mut ids: Vec<_> = l.keys().map(|(_, id)| id.as_str()).collect();
+        ids.sort();
+        ids == ["10.0.0.2:80", "10.0.0.3:80"]
+    })
+    .await;
+    // Through the reload, not a plain resumption.
+    b.wait_for("reloading everything");
+    b.wait_for("caught up with the shared store");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefixes_keep_registries_apart() {
     let dir = TempDir::new("etcd-prefix");

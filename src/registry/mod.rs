@@ -39,7 +39,7 @@ pub use health::{
     CheckResult, Flip, Health, HealthSnapshot, HealthStatus, HealthTracker, LastCheck,
 };
 pub use instance::{Instance, InstanceStack, InstanceState};
-use store::{Change, Record, RegistryStore, StoreError};
+use store::{Change, Followed, Record, RegistryStore, StoreError};
 use validate::InstanceUrl;
 use writer::{Apply, Batch, Plan, Writer};
 pub use writer::{Write, Written};
@@ -238,11 +238,16 @@ impl Registry {
         if let Some(mut changes) = self.store.follow() {
             let registry = Arc::downgrade(self);
             tokio::spawn(async move {
-                while let Some(change) = changes.recv().await {
+                while let Some(followed) = changes.recv().await {
                     let Some(registry) = registry.upgrade() else {
                         return;
                     };
-                    let _ = registry.write(Write::Remote(change)).await;
+                    match followed {
+                        Followed::Change(change) => {
+                            let _ = registry.write(Write::Remote(change)).await;
+                        }
+                        Followed::Everything(records) => registry.catch_up(records).await,
+                    }
                 }
             });
         }
@@ -293,6 +298,38 @@ impl Registry {
     }
 
     /// Instances registered, registry-wide.
+    /// Makes the registry what the shared store holds, `records`: removes
+    /// what it no longer holds and puts the rest (a put of an unchanged
+    /// instance changes nothing that matters: health and circuit stay).
+    async fn catch_up(self: &Arc<Self>, records: Vec<Record>) {
+        let held: HashSet<(String, String)> = records
+            .iter()
+            .map(|r| (r.service.clone(), r.id.clone()))
+            .collect();
+        let mut gone = Vec::new();
+        for service in self.services() {
+            for instance in service.instances() {
+                let key = (instance.service().to_string(), instance.id().to_string());
+                if !held.contains(&key) {
+                    gone.push(key);
+                }
+            }
+        }
+        tracing::info!(
+            instances = records.len(),
+            removed = gone.len(),
+            "registry caught up with the shared store"
+        );
+        for (service, id) in gone {
+            let _ = self
+                .write(Write::Remote(Change::Delete { service, id }))
+                .await;
+        }
+        for record in records {
+            let _ = self.write(Write::Remote(Change::Put(record))).await;
+        }
+    }
+
     /// Why the registry's store cannot be reached now, if it cannot.
     pub fn store_unreachable(&self) -> Option<String> {
         self.store.unreachable()

@@ -36,7 +36,7 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
-use super::{Change, Record, RegistryStore, StoreError, StoreFuture};
+use super::{Change, Followed, Record, RegistryStore, StoreError, StoreFuture};
 use crate::config::RegistryConfig;
 
 /// Pause before making a broken watch again.
@@ -232,7 +232,7 @@ impl RegistryStore for EtcdStore {
         true
     }
 
-    fn follow(&self) -> Option<mpsc::UnboundedReceiver<Change>> {
+    fn follow(&self) -> Option<mpsc::UnboundedReceiver<Followed>> {
         let (changes, received) = mpsc::unbounded_channel();
         let watch = Watch {
             client: self.client.clone(),
@@ -292,7 +292,7 @@ struct Watch {
 
 impl Watch {
     /// Sends every change of others until the receiver is dropped.
-    async fn run(mut self, changes: mpsc::UnboundedSender<Change>) {
+    async fn run(mut self, changes: mpsc::UnboundedSender<Followed>) {
         while !changes.is_closed() {
             let options = WatchOptions::new()
                 .with_prefix()
@@ -304,14 +304,22 @@ impl Watch {
                     match stream.message().await {
                         Ok(Some(response)) => {
                             if response.compact_revision() > 0 {
-                                tracing::error!(
+                                tracing::warn!(
                                     endpoints = self.endpoints,
                                     from = self.next,
                                     compacted = response.compact_revision(),
                                     "registry store etcd: the watch's revision was compacted; \
-                                     changes between them are missed until a restart"
+                                     reloading everything"
                                 );
-                                self.next = response.compact_revision();
+                                match self.everything().await {
+                                    Ok(records) => {
+                                        let _ = changes.send(Followed::Everything(records));
+                                    }
+                                    Err(e) => tracing::warn!(
+                                        error = %e,
+                                        "registry store etcd: cannot reload yet"
+                                    ),
+                                }
                                 break;
                             }
                             if response.canceled() {
@@ -319,7 +327,7 @@ impl Watch {
                             }
                             for event in response.events() {
                                 if let Some(change) = self.change_of(event) {
-                                    let _ = changes.send(change);
+                                    let _ = changes.send(Followed::Change(change));
                                 }
                             }
                         }
@@ -348,6 +356,28 @@ impl Watch {
             }
             tokio::time::sleep(REWATCH_AFTER).await;
         }
+    }
+
+    /// Every instance etcd holds now; the watch goes on from the revision
+    /// after this read.
+    async fn everything(&mut self) -> Result<Vec<Record>, etcd_client::Error> {
+        let response = self
+            .client
+            .kv_client()
+            .get(
+                self.instances.clone(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let records = response
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect();
+        if let Some(header) = response.header() {
+            self.next = header.revision() + 1;
+        }
+        Ok(records)
     }
 
     /// The change an event stands for, unless this gateway made it.

@@ -58,6 +58,17 @@ pub enum Change {
     Renew { service: String, id: String },
 }
 
+/// What a shared store reports of the other gateways' writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Followed {
+    /// One change, in the store's order.
+    Change(Change),
+    /// Everything the store holds now, read again because the changes
+    /// since the last one seen are gone (etcd compacted them): whatever
+    /// the registry holds that is not in it was removed meanwhile.
+    Everything(Vec<Record>),
+}
+
 /// Why a store could not be opened, read or written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreError(pub String);
@@ -90,7 +101,7 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// several, SPEC §8), from right after what [`RegistryStore::load`]
     /// read; `None` for a store only this gateway writes. Called once,
     /// after `load`.
-    fn follow(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+    fn follow(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Followed>> {
         None
     }
 
