@@ -289,14 +289,18 @@ fn signal(gw: &Running, signal: &str) {
 async fn a_watch_whose_revision_was_compacted_reloads_everything() {
     let dir = TempDir::new("etcd-compact");
     let mut etcd = Etcd::start(&dir);
-    dir.config(&etcd.config("/test-compact"));
+    // A static service: the gateway's own, kept through the reload.
+    dir.config(&format!(
+        "{}[[services]]\nname = \"local\"\nurls = [\"http://10.9.9.9:80\"]\n",
+        etcd.config("/test-compact")
+    ));
     let a = Running::start(&dir);
     let mut b = Running::start(&dir);
     for port in 1..=2 {
         let (status, _) = register(&a, "api", &format!("http://10.0.0.{port}:80")).await;
         assert_eq!(status, StatusCode::CREATED);
     }
-    until_listed(&b, "both at B", |l| l.len() == 2).await;
+    until_listed(&b, "both at B", |l| l.len() == 3).await;
 
     // B loses etcd, and is frozen before it can watch again.
     etcd.kill();
@@ -345,7 +349,7 @@ async fn a_watch_whose_revision_was_compacted_reloads_everything() {
     until_listed(&b, "B caught up", |l| {
         let mut ids: Vec<_> = l.keys().map(|(_, id)| id.as_str()).collect();
         ids.sort();
-        ids == ["10.0.0.2:80", "10.0.0.3:80"]
+        ids == ["10.0.0.2:80", "10.0.0.3:80", "10.9.9.9:80"]
     })
     .await;
     // Through the reload, not a plain resumption.

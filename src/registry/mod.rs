@@ -302,10 +302,13 @@ impl Registry {
     /// what it no longer holds and puts the rest (a put of an unchanged
     /// instance changes nothing that matters: health and circuit stay).
     async fn catch_up(self: &Arc<Self>, records: Vec<Record>) {
-        let held: HashSet<(String, String)> = records
+        let mut held: HashSet<(String, String)> = records
             .iter()
             .map(|r| (r.service.clone(), r.id.clone()))
             .collect();
+        // The configuration's own services are this gateway's, not the
+        // store's: they stay.
+        held.extend(self.static_keys());
         let mut gone = Vec::new();
         for service in self.services() {
             for instance in service.instances() {
@@ -328,6 +331,24 @@ impl Registry {
         for record in records {
             let _ = self.write(Write::Remote(Change::Put(record))).await;
         }
+    }
+
+    /// The `(service, id)` of every static `[[services]]` instance.
+    fn static_keys(&self) -> Vec<(String, String)> {
+        let mut keys = Vec::new();
+        for service in &self.config.services {
+            for url in &service.urls {
+                let registration = Registration {
+                    name: service.name.clone(),
+                    url: url.clone(),
+                    ..Registration::default()
+                };
+                if let Ok(record) = self.record_of(&registration) {
+                    keys.push((record.service, record.id));
+                }
+            }
+        }
+        keys
     }
 
     /// Why the registry's store cannot be reached now, if it cannot.
