@@ -312,6 +312,10 @@ pub struct RegistryConfig {
     /// `store = "etcd"`: how long connecting, and each request, may take.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// `store = "etcd"`: with the cluster unreachable at start, exit 1
+    /// (`true`), or serve the static services, refuse registry writes and
+    /// keep trying (`false`).
+    pub require_store_at_start: bool,
 }
 
 impl Default for RegistryConfig {
@@ -322,6 +326,7 @@ impl Default for RegistryConfig {
             endpoints: vec!["http://127.0.0.1:2379".into()],
             prefix: "/switchyard".into(),
             connect_timeout: Duration::from_secs(5),
+            require_store_at_start: true,
         }
     }
 }

@@ -458,6 +458,49 @@ async fn with_etcd_gone_writes_get_503_fast_and_reads_go_on() {
     );
 }
 
+/// `require_store_at_start = false`: started with etcd down, the gateway
+/// serves its static services and refuses writes; once etcd is back it
+/// loads what others registered and takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_at_start_it_can_serve_static_services_and_catch_up() {
+    let dir = TempDir::new("etcd-later");
+    let mut etcd = Etcd::start(&dir);
+    dir.config(&format!(
+        "{}require_store_at_start = false\n\
+         [[services]]\nname = \"local\"\nurls = [\"http://10.9.9.9:80\"]\n",
+        etcd.config("/test-later")
+    ));
+    let a = Running::start(&dir);
+    let (status, _) = register(&a, "api", "http://10.0.0.1:80").await;
+    assert_eq!(status, StatusCode::CREATED);
+    drop(a);
+    etcd.kill();
+
+    let b = Running::start(&dir);
+    let ids: Vec<_> = listed(&b).await.into_keys().map(|(_, id)| id).collect();
+    assert_eq!(ids, ["10.9.9.9:80"], "the static service, nothing else yet");
+    assert!(degraded(&b).await.is_string());
+    let (status, body) = register(&b, "api", "http://10.0.0.2:80").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable");
+
+    etcd.restart();
+    until_listed(&b, "what A registered, at B", |l| {
+        l.contains_key(&key("api", "10.0.0.1:80")) && l.contains_key(&key("local", "10.9.9.9:80"))
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = register(&b, "api", "http://10.0.0.2:80").await;
+        if status == StatusCode::CREATED {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never took writes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(degraded(&b).await, serde_json::Value::Null);
+}
+
 #[test]
 fn an_unreachable_etcd_at_start_exits_1_naming_it() {
     let dir = TempDir::new("etcd-unreachable");

@@ -246,7 +246,12 @@ impl Registry {
                         Followed::Change(change) => {
                             let _ = registry.write(Write::Remote(change)).await;
                         }
-                        Followed::Everything(records) => registry.catch_up(records).await,
+                        Followed::Everything { records, done } => {
+                            registry.catch_up(records).await;
+                            if let Some(done) = done {
+                                let _ = done.send(());
+                            }
+                        }
                     }
                 }
             });

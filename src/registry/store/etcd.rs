@@ -28,7 +28,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use etcd_client::{
@@ -97,6 +97,19 @@ impl EtcdStore {
                 )));
             }
         };
+        // The client connects lazily: ask something small to know now.
+        let mut probe = client.kv_client();
+        if let Err(e) = probe
+            .get(
+                config.prefix.as_str(),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+        {
+            return Err(StoreError(format!(
+                "registry store etcd {endpoints}: cannot connect: {e}"
+            )));
+        }
         Ok(Self {
             client,
             prefix: format!("{}/", config.prefix.trim_end_matches('/')),
@@ -313,7 +326,10 @@ impl Watch {
                                 );
                                 match self.everything().await {
                                     Ok(records) => {
-                                        let _ = changes.send(Followed::Everything(records));
+                                        let _ = changes.send(Followed::Everything {
+                                            records,
+                                            done: None,
+                                        });
                                     }
                                     Err(e) => tracing::warn!(
                                         error = %e,
@@ -414,5 +430,110 @@ impl Watch {
                 })
             }
         }
+    }
+}
+
+/// The etcd store of a gateway that started without reaching etcd
+/// (`require_store_at_start = false`): it serves its static services,
+/// refuses registry writes with 503 `store_unavailable`, and connects in
+/// the background; once connected it loads everything, hands it to the
+/// registry as one catch-up, and follows from there like any gateway.
+pub struct Later {
+    config: RegistryConfig,
+    store: Arc<OnceLock<EtcdStore>>,
+}
+
+impl Later {
+    pub fn new(config: RegistryConfig) -> Self {
+        Self {
+            config,
+            store: Arc::default(),
+        }
+    }
+
+    fn not_yet(&self) -> StoreError {
+        StoreError(format!(
+            "registry store etcd {}: not connected yet",
+            self.config.endpoints.join(",")
+        ))
+    }
+}
+
+impl RegistryStore for Later {
+    fn describe(&self) -> String {
+        match self.store.get() {
+            Some(store) => store.describe(),
+            None => format!(
+                "etcd {} prefix {} (not connected yet)",
+                self.config.endpoints.join(","),
+                self.config.prefix
+            ),
+        }
+    }
+
+    fn load(&self) -> StoreFuture<'_, Vec<Record>> {
+        // Nothing yet: the catch-up brings it once connected.
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
+    fn commit(&self, changes: Vec<Change>) -> StoreFuture<'_, ()> {
+        match self.store.get() {
+            Some(store) => store.commit(changes),
+            None => Box::pin(std::future::ready(Err(self.not_yet()))),
+        }
+    }
+
+    fn follow(&self) -> Option<mpsc::UnboundedReceiver<Followed>> {
+        let (followed, received) = mpsc::unbounded_channel();
+        let (config, slot) = (self.config.clone(), self.store.clone());
+        tokio::spawn(async move {
+            let store = loop {
+                if followed.is_closed() {
+                    return;
+                }
+                if let Ok(store) = EtcdStore::connect(&config).await {
+                    match store.load().await {
+                        Ok(records) => {
+                            let (done, caught_up) = tokio::sync::oneshot::channel();
+                            let done = Some(done);
+                            let _ = followed.send(Followed::Everything { records, done });
+                            // Writes are taken only once the registry holds
+                            // what etcd holds, so none is undone by the
+                            // catch-up.
+                            if caught_up.await.is_err() {
+                                return;
+                            }
+                            break store;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "registry store etcd: cannot load yet")
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            tracing::info!(store = %store.describe(), "registry store connected");
+            let Some(mut changes) = store.follow() else {
+                return;
+            };
+            let _ = slot.set(store);
+            while let Some(change) = changes.recv().await {
+                if followed.send(change).is_err() {
+                    return;
+                }
+            }
+        });
+        Some(received)
+    }
+
+    fn unreachable(&self) -> Option<String> {
+        match self.store.get() {
+            Some(store) => store.unreachable(),
+            None => Some(self.not_yet().0),
+        }
+    }
+
+    fn keeps_ttls(&self) -> bool {
+        true
     }
 }

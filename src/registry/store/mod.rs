@@ -59,14 +59,19 @@ pub enum Change {
 }
 
 /// What a shared store reports of the other gateways' writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Followed {
     /// One change, in the store's order.
     Change(Change),
     /// Everything the store holds now, read again because the changes
-    /// since the last one seen are gone (etcd compacted them): whatever
-    /// the registry holds that is not in it was removed meanwhile.
-    Everything(Vec<Record>),
+    /// since the last one seen are gone (etcd compacted them, or the
+    /// gateway started without the store): whatever the registry holds
+    /// that is not in it was removed meanwhile. The registry answers on
+    /// `done` once it holds exactly that.
+    Everything {
+        records: Vec<Record>,
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+    },
 }
 
 /// Why a store could not be opened, read or written.
@@ -135,7 +140,14 @@ pub async fn open(config: &RegistryConfig) -> Result<Box<dyn RegistryStore>, Sto
         StoreKind::Memory => Ok(Box::new(MemoryStore)),
         StoreKind::File => Ok(Box::new(FileStore::open(&config.path)?)),
         #[cfg(feature = "etcd")]
-        StoreKind::Etcd => Ok(Box::new(etcd::EtcdStore::connect(config).await?)),
+        StoreKind::Etcd => match etcd::EtcdStore::connect(config).await {
+            Ok(store) => Ok(Box::new(store)),
+            Err(e) if !config.require_store_at_start => {
+                tracing::warn!(error = %e, "starting without the registry store; trying again");
+                Ok(Box::new(etcd::Later::new(config.clone())))
+            }
+            Err(e) => Err(e),
+        },
         // Validation refuses `etcd` in a build without it.
         #[cfg(not(feature = "etcd"))]
         StoreKind::Etcd => Err(StoreError(
