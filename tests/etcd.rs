@@ -428,15 +428,27 @@ async fn through_an_etcd_restart_writes_resume_and_gateways_follow_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_etcd_gone_writes_get_503_fast_and_reads_go_on() {
+async fn with_etcd_gone_writes_get_503_fast_and_proxying_goes_on() {
     let dir = TempDir::new("etcd-outage");
     let mut etcd = Etcd::start(&dir);
     dir.config(&etcd.config("/test-outage/"));
     let gw = Running::start(&dir);
     let (status, _) = register(&gw, "api", "http://10.0.0.1:80").await;
     assert_eq!(status, StatusCode::CREATED);
+    let up = common::Upstream::start(|_| async { common::response(200, "up") }).await;
+    let (status, _) = register(&gw, "web", &up.url()).await;
+    assert_eq!(status, StatusCode::CREATED);
     assert_eq!(degraded(&gw).await, serde_json::Value::Null);
     etcd.kill();
+
+    // Proxying goes on from the last state seen.
+    let client = common::client();
+    for _ in 0..20 {
+        let (status, _) = call(&client, Method::GET, gw.url("/call/web/"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
 
     let started = Instant::now();
     let (status, body) = register(&gw, "api", "http://10.0.0.2:80").await;
@@ -449,8 +461,21 @@ async fn with_etcd_gone_writes_get_503_fast_and_reads_go_on() {
         started.elapsed()
     );
     // Nothing of the refused write was applied; what was there stays.
-    let ids: Vec<_> = listed(&gw).await.into_keys().map(|(_, id)| id).collect();
-    assert_eq!(ids, ["10.0.0.1:80"]);
+    let api: Vec<_> = listed(&gw)
+        .await
+        .into_keys()
+        .filter(|(service, _)| service == "api")
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(api, ["10.0.0.1:80"]);
+    let (status, _) = call(&client, Method::GET, gw.url("/call/web/"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "still proxying after the refused write"
+    );
     let degraded = degraded(&gw).await;
     assert!(
         degraded.as_str().is_some_and(|d| d.contains("etcd")),
