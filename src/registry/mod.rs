@@ -369,7 +369,7 @@ impl Registry {
     /// store and the writer: for tests and benchmarks that build a
     /// registry by hand. The API goes through [`Registry::write`].
     pub fn register(&self, registration: Registration) -> Result<Registered, GatewayError> {
-        match self.plan_register(registration, &mut Batch::in_place()) {
+        match self.plan_register(&registration, &mut Batch::in_place()) {
             Plan::Do { apply, .. } => match self.apply(apply) {
                 Written::Registered(registered) => Ok(registered),
                 _ => Err(GatewayError::new(
@@ -389,7 +389,7 @@ impl Registry {
     /// writes of `batch` before it.
     fn plan(&self, write: &Write, batch: &mut Batch) -> Plan {
         match write {
-            Write::Register(registration) => self.plan_register(registration.clone(), batch),
+            Write::Register(registration) => self.plan_register(registration, batch),
             Write::Heartbeat { service, id } => {
                 let Some(instance) = self.find(service, id) else {
                     return Plan::Refused(instance_not_found(service, id));
@@ -414,11 +414,8 @@ impl Registry {
                 id,
                 draining,
             } => {
-                let instance = match self.service(service) {
-                    Ok(entry) => match entry.instance(id) {
-                        Ok(instance) => instance.clone(),
-                        Err(e) => return Plan::Refused(e),
-                    },
+                let instance = match self.existing(service, id) {
+                    Ok(instance) => instance,
                     Err(e) => return Plan::Refused(e),
                 };
                 if !batch.claim(service, id) {
@@ -427,17 +424,14 @@ impl Registry {
                 let mut record = Record::of(&instance);
                 record.draining = *draining;
                 Plan::Do {
-                    changes: vec![Change::Put(record.clone())],
+                    changes: batch.keep(|| vec![Change::Put(record.clone())]),
                     apply: Apply::Drain(instance, record),
                 }
             }
             Write::Remote(change) => self.plan_remote(change, batch),
             Write::RemoveInstance { service, id } => {
-                let instance = match self.service(service) {
-                    Ok(entry) => match entry.instance(id) {
-                        Ok(instance) => instance.clone(),
-                        Err(e) => return Plan::Refused(e),
-                    },
+                let instance = match self.existing(service, id) {
+                    Ok(instance) => instance,
                     Err(e) => return Plan::Refused(e),
                 };
                 if !batch.claim(service, id) {
@@ -553,8 +547,8 @@ impl Registry {
         }
     }
 
-    fn plan_register(&self, registration: Registration, batch: &mut Batch) -> Plan {
-        let record = match self.record_of(&registration) {
+    fn plan_register(&self, registration: &Registration, batch: &mut Batch) -> Plan {
+        let record = match self.record_of(registration) {
             Ok(record) => record,
             Err(e) => return Plan::Refused(e),
         };
@@ -583,12 +577,8 @@ impl Registry {
                 record
             }
         };
-        let changes = match batch.keeps_changes() {
-            true => vec![Change::Put(record.clone())],
-            false => Vec::new(),
-        };
         Plan::Do {
-            changes,
+            changes: batch.keep(|| vec![Change::Put(record.clone())]),
             apply: Apply::Put {
                 record,
                 created: existing.is_none(),
@@ -629,6 +619,11 @@ impl Registry {
             ttl_ms: ttl.map(|t| t.as_millis() as u64),
             draining: false,
         })
+    }
+
+    /// The instance, or the API's error for a missing service or instance.
+    fn existing(&self, service: &str, id: &str) -> Result<Arc<Instance>, GatewayError> {
+        self.service(service)?.instance(id).cloned()
     }
 
     fn find(&self, service: &str, id: &str) -> Option<Arc<Instance>> {

@@ -147,9 +147,10 @@ impl Batch {
         }
     }
 
-    /// Whether the store keeps the batch's changes (else they are not made).
-    pub fn keeps_changes(&self) -> bool {
-        !self.in_place
+    /// The changes `make` makes, when the store keeps them; none in place,
+    /// where making them would be wasted.
+    pub fn keep(&self, make: impl FnOnce() -> Vec<Change>) -> Vec<Change> {
+        if self.in_place { Vec::new() } else { make() }
     }
 
     /// Counts an instance the batch creates in `service`, for the limits
