@@ -169,14 +169,13 @@ async fn a_restart_keeps_metadata_and_drain_state() {
     .await
     .unwrap();
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (status, body) = call(
-        &client,
-        Method::PUT,
-        gw.url("/services/api/instances/api-1/state"),
-        Some(json!({"state": "draining"})),
-    )
-    .await
-    .unwrap();
+    let (status, body) = gw
+        .send(
+            Method::PUT,
+            "/services/api/instances/api-1/state",
+            Some(json!({"state": "draining"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     gw.kill();
 
@@ -192,14 +191,9 @@ async fn a_restart_keeps_metadata_and_drain_state() {
     assert_eq!(instance["reason"], "draining");
     assert_eq!(instance["status"], "unknown");
     // Its TTL restarted from the load: a heartbeat finds it.
-    let (status, _) = call(
-        &client,
-        Method::PUT,
-        gw.url("/services/api/instances/api-1/heartbeat"),
-        None,
-    )
-    .await
-    .unwrap();
+    let (status, _) = gw
+        .send(Method::PUT, "/services/api/instances/api-1/heartbeat", None)
+        .await;
     assert_eq!(status, StatusCode::OK);
 }
 
@@ -211,16 +205,14 @@ async fn static_services_merge_in_and_the_file_wins_for_its_ids() {
         "[[services]]\nname = \"api\"\nurls = [\"http://10.0.0.1:80\", \"http://10.0.0.2:80\"]\n",
     );
     let gw = Running::start(&dir);
-    let client = common::client();
     // Drained: the stored registration of a static id, which must win.
-    let (status, _) = call(
-        &client,
-        Method::PUT,
-        gw.url("/services/api/instances/10.0.0.1:80/state"),
-        Some(json!({"state": "draining"})),
-    )
-    .await
-    .unwrap();
+    let (status, _) = gw
+        .send(
+            Method::PUT,
+            "/services/api/instances/10.0.0.1:80/state",
+            Some(json!({"state": "draining"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     gw.kill();
     let gw = Running::start(&dir);
@@ -264,16 +256,14 @@ async fn a_truncated_store_stops_the_start_naming_it() {
     let dir = TempDir::new("truncated");
     file_config(&dir, "");
     let gw = Running::start(&dir);
-    let client = common::client();
     for n in 0..200 {
-        let (status, _) = call(
-            &client,
-            Method::POST,
-            gw.url("/services"),
-            Some(json!({"name": "api", "url": format!("http://10.0.0.1:{}", 1000 + n)})),
-        )
-        .await
-        .unwrap();
+        let (status, _) = gw
+            .send(
+                Method::POST,
+                "/services",
+                Some(json!({"name": "api", "url": format!("http://10.0.0.1:{}", 1000 + n)})),
+            )
+            .await;
         assert_eq!(status, StatusCode::CREATED);
     }
     gw.kill();

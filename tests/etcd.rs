@@ -9,7 +9,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{Running, TempDir, call, gateway, listed};
+use common::process::{Running, TempDir, gateway, listed};
 use http::{Method, StatusCode};
 use serde_json::json;
 
@@ -110,15 +110,12 @@ impl Drop for Etcd {
 }
 
 async fn register(gw: &Running, name: &str, url: &str) -> (StatusCode, serde_json::Value) {
-    let client = common::client();
-    call(
-        &client,
+    gw.send(
         Method::POST,
-        gw.url("/services"),
+        "/services",
         Some(json!({"name": name, "url": url, "metadata": {"zone": "b"}})),
     )
     .await
-    .expect("the gateway answers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,15 +128,9 @@ async fn a_gateway_started_later_loads_what_another_registered() {
         let (status, body) = register(&a, "api", &format!("http://10.0.0.{port}:80")).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
     }
-    let client = common::client();
-    let (status, _) = call(
-        &client,
-        Method::DELETE,
-        a.url("/services/api/instances/10.0.0.2:80"),
-        None,
-    )
-    .await
-    .unwrap();
+    let (status, _) = a
+        .send(Method::DELETE, "/services/api/instances/10.0.0.2:80", None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 
     let b = Running::start(&dir);
@@ -179,7 +170,6 @@ async fn two_gateways_follow_each_others_writes() {
     dir.config(&etcd.config("/test-two/"));
     let a = Running::start(&dir);
     let b = Running::start(&dir);
-    let client = common::client();
 
     let (status, _) = register(&a, "api", "http://10.0.0.1:80").await;
     assert_eq!(status, StatusCode::CREATED);
@@ -195,14 +185,13 @@ async fn two_gateways_follow_each_others_writes() {
     .await;
 
     // A drain at B is followed at A, and A no longer routes to it.
-    let (status, _) = call(
-        &client,
-        Method::PUT,
-        b.url("/services/api/instances/10.0.0.1:80/state"),
-        Some(json!({"state": "draining"})),
-    )
-    .await
-    .unwrap();
+    let (status, _) = b
+        .send(
+            Method::PUT,
+            "/services/api/instances/10.0.0.1:80/state",
+            Some(json!({"state": "draining"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     until_listed(&a, "the drain at A", |l| {
         l.get(&key("api", "10.0.0.1:80"))
@@ -211,14 +200,9 @@ async fn two_gateways_follow_each_others_writes() {
     .await;
 
     // A removal at A is followed at B.
-    let (status, _) = call(
-        &client,
-        Method::DELETE,
-        a.url("/services/api/instances/10.0.0.2:80"),
-        None,
-    )
-    .await
-    .unwrap();
+    let (status, _) = a
+        .send(Method::DELETE, "/services/api/instances/10.0.0.2:80", None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     until_listed(&b, "the removal at B", |l| {
         !l.contains_key(&key("api", "10.0.0.2:80"))
@@ -242,15 +226,13 @@ async fn a_lease_outlives_its_gateway_and_expires_at_the_other() {
     dir.config(&etcd.config("/test-lease"));
     let a = Running::start(&dir);
     let b = Running::start(&dir);
-    let client = common::client();
-    let (status, body) = call(
-        &client,
-        Method::POST,
-        a.url("/services"),
-        Some(json!({"name": "api", "url": "http://10.0.0.1:80", "ttl": "2s"})),
-    )
-    .await
-    .unwrap();
+    let (status, body) = a
+        .send(
+            Method::POST,
+            "/services",
+            Some(json!({"name": "api", "url": "http://10.0.0.1:80", "ttl": "2s"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     until_listed(&b, "the TTL instance at B", |l| l.len() == 1).await;
     a.kill();
@@ -258,14 +240,13 @@ async fn a_lease_outlives_its_gateway_and_expires_at_the_other() {
     // Heartbeats at B, for three TTLs: the instance stays.
     let beats_until = Instant::now() + Duration::from_secs(6);
     while Instant::now() < beats_until {
-        let (status, body) = call(
-            &client,
-            Method::PUT,
-            b.url("/services/api/instances/10.0.0.1:80/heartbeat"),
-            None,
-        )
-        .await
-        .unwrap();
+        let (status, body) = b
+            .send(
+                Method::PUT,
+                "/services/api/instances/10.0.0.1:80/heartbeat",
+                None,
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -313,7 +294,6 @@ async fn a_watch_whose_revision_was_compacted_reloads_everything() {
     etcd.restart();
 
     // Meanwhile at A: one removed, one added, and the history compacted.
-    let client = common::client();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (status, _) = register(&a, "api", "http://10.0.0.3:80").await;
@@ -323,14 +303,9 @@ async fn a_watch_whose_revision_was_compacted_reloads_everything() {
         assert!(Instant::now() < deadline, "writes never resumed at A");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, _) = call(
-        &client,
-        Method::DELETE,
-        a.url("/services/api/instances/10.0.0.1:80"),
-        None,
-    )
-    .await
-    .unwrap();
+    let (status, _) = a
+        .send(Method::DELETE, "/services/api/instances/10.0.0.1:80", None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let mut etcd_client = etcd_client::Client::connect([etcd.client_url.as_str()], None)
         .await
@@ -371,10 +346,7 @@ async fn prefixes_keep_registries_apart() {
 }
 
 async fn degraded(gw: &Running) -> serde_json::Value {
-    let client = common::client();
-    let (status, body) = call(&client, Method::GET, gw.url("/healthz"), None)
-        .await
-        .unwrap();
+    let (status, body) = gw.send(Method::GET, "/healthz", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body["degraded"].clone()
 }
@@ -442,11 +414,8 @@ async fn with_etcd_gone_writes_get_503_fast_and_proxying_goes_on() {
     etcd.kill();
 
     // Proxying goes on from the last state seen.
-    let client = common::client();
     for _ in 0..20 {
-        let (status, _) = call(&client, Method::GET, gw.url("/call/web/"), None)
-            .await
-            .unwrap();
+        let (status, _) = gw.send(Method::GET, "/call/web/", None).await;
         assert_eq!(status, StatusCode::OK);
     }
 
@@ -468,9 +437,7 @@ async fn with_etcd_gone_writes_get_503_fast_and_proxying_goes_on() {
         .map(|(_, id)| id)
         .collect();
     assert_eq!(api, ["10.0.0.1:80"]);
-    let (status, _) = call(&client, Method::GET, gw.url("/call/web/"), None)
-        .await
-        .unwrap();
+    let (status, _) = gw.send(Method::GET, "/call/web/", None).await;
     assert_eq!(
         status,
         StatusCode::OK,

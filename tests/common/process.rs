@@ -120,6 +120,18 @@ impl Running {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
+
+    /// One request to it, on a client of its own; panics when it is gone.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (StatusCode, serde_json::Value) {
+        call(&super::client(), method, self.url(path), body)
+            .await
+            .expect("the gateway answers")
+    }
 }
 
 impl Drop for Running {
