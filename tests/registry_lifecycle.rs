@@ -8,11 +8,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Echo, TestGateway, dead_url, eventually};
+use common::{Echo, TestGateway, Way, dead_url, each_way, eventually};
 use http::{Method, StatusCode};
 use serde_json::json;
 
 const CHECKS_OFF: &str = "[health_check]\ninterval = \"0s\"\n";
+
+// The new endpoints on a fresh HTTP/1.1 connection, on one that carried
+// another request, and over HTTP/2.
+each_way! {
+    a_heartbeat_renews_and_an_unknown_instance_gets_404,
+    the_state_endpoint_takes_draining_or_active_only,
+}
 
 async fn register_ttl(gw: &TestGateway, name: &str, url: &str, ttl: &str) -> serde_json::Value {
     let reply = gw
@@ -68,9 +75,8 @@ async fn ttl_outside_one_second_to_one_hour_is_refused_naming_the_field() {
     }
 }
 
-#[tokio::test]
-async fn a_heartbeat_renews_and_an_unknown_instance_gets_404() {
-    let gw = TestGateway::start(CHECKS_OFF).await;
+async fn a_heartbeat_renews_and_an_unknown_instance_gets_404(way: Way) {
+    let gw = TestGateway::start_way(CHECKS_OFF, way).await;
     let registered = register_ttl(&gw, "svc", "http://10.0.0.1:80", "15s").await;
     let id = registered["id"].as_str().unwrap();
 
@@ -141,9 +147,8 @@ async fn an_instance_that_stops_heartbeating_is_removed_and_one_that_beats_stays
     assert!(registered.elapsed() >= Duration::from_secs(1));
 }
 
-#[tokio::test]
-async fn the_state_endpoint_takes_draining_or_active_only() {
-    let gw = TestGateway::start(CHECKS_OFF).await;
+async fn the_state_endpoint_takes_draining_or_active_only(way: Way) {
+    let gw = TestGateway::start_way(CHECKS_OFF, way).await;
     let registered = gw.register("svc", "http://10.0.0.1:80").await;
     assert_eq!(registered["state"], "active");
     assert_eq!(registered["routable"], true);
