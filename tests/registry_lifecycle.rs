@@ -29,16 +29,6 @@ async fn register_ttl(gw: &TestGateway, name: &str, url: &str, ttl: &str) -> ser
     reply.json()
 }
 
-async fn put_json(gw: &TestGateway, path: &str, body: &serde_json::Value) -> common::Reply {
-    gw.request(
-        Method::PUT,
-        path,
-        &body.to_string(),
-        &[("content-type", "application/json")],
-    )
-    .await
-}
-
 async fn instance(gw: &TestGateway, service: &str) -> serde_json::Value {
     let reply = gw.get(&format!("/services/{service}")).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -163,7 +153,7 @@ async fn the_state_endpoint_takes_draining_or_active_only(way: Way) {
         json!({}),
         json!("draining"),
     ] {
-        let reply = put_json(&gw, &path, &body).await;
+        let reply = gw.put_json(&path, &body).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(reply.error_code(), "invalid_json", "{body}");
         if body.is_object() {
@@ -171,16 +161,16 @@ async fn the_state_endpoint_takes_draining_or_active_only(way: Way) {
         }
         assert_eq!(instance(&gw, "svc").await["state"], "active", "{body}");
     }
-    let reply = put_json(
-        &gw,
-        "/services/svc/instances/nope/state",
-        &json!({"state": "draining"}),
-    )
-    .await;
+    let reply = gw
+        .put_json(
+            "/services/svc/instances/nope/state",
+            &json!({"state": "draining"}),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(reply.error_code(), "instance_not_found");
 
-    let reply = put_json(&gw, &path, &json!({"state": "draining"})).await;
+    let reply = gw.put_json(&path, &json!({"state": "draining"})).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let body = reply.json();
     assert_eq!(body["state"], "draining");
@@ -192,7 +182,7 @@ async fn the_state_endpoint_takes_draining_or_active_only(way: Way) {
     let reply = gw.get("/call/svc/").await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
 
-    let reply = put_json(&gw, &path, &json!({"state": "active"})).await;
+    let reply = gw.put_json(&path, &json!({"state": "active"})).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["routable"], true);
     assert_eq!(
@@ -223,7 +213,7 @@ async fn the_state_endpoint_is_an_admin_write() {
         "/services/svc/instances/10.0.0.1:80/state",
         "/services/svc/instances/10.0.0.1:80/heartbeat",
     ] {
-        let reply = put_json(&gw, path, &json!({"state": "draining"})).await;
+        let reply = gw.put_json(path, &json!({"state": "draining"})).await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{path}");
     }
     assert_eq!(instance(&gw, "svc").await["state"], "active");
@@ -275,12 +265,12 @@ async fn no_request_reaches_a_draining_instance_after_the_200() {
         a.hits() > 20 && b.hits() > 20
     })
     .await;
-    let reply = put_json(
-        &gw,
-        &format!("/services/svc/instances/{a_id}/state"),
-        &json!({"state": "draining"}),
-    )
-    .await;
+    let reply = gw
+        .put_json(
+            &format!("/services/svc/instances/{a_id}/state"),
+            &json!({"state": "draining"}),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::OK);
     drained.store(true, Ordering::SeqCst);
     let hits_at_drain = a.hits();

@@ -508,8 +508,16 @@ impl TestGateway {
     }
 
     pub async fn post_json(&self, path: &str, json: &serde_json::Value) -> Reply {
+        self.send_json(Method::POST, path, json).await
+    }
+
+    pub async fn put_json(&self, path: &str, json: &serde_json::Value) -> Reply {
+        self.send_json(Method::PUT, path, json).await
+    }
+
+    async fn send_json(&self, method: Method, path: &str, json: &serde_json::Value) -> Reply {
         self.request(
-            Method::POST,
+            method,
             path,
             &json.to_string(),
             &[("content-type", "application/json")],
