@@ -32,6 +32,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub upstreams: UpstreamsConfig,
     pub registry: RegistryConfig,
+    pub log: LogConfig,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<StaticService>,
 }
@@ -352,6 +353,25 @@ impl StoreKind {
             Self::Etcd => "etcd",
         }
     }
+}
+
+/// Logging (SPEC §9): the access log, and the format of every line.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// One line per proxied request.
+    pub access: bool,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// A service registered at start, with optional per-service overrides.

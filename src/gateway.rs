@@ -7,6 +7,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::registry::store::{self, StoreError};
 use crate::registry::{HealthChecker, Registry};
@@ -15,6 +16,7 @@ pub struct Gateway {
     config: Arc<Config>,
     registry: Arc<Registry>,
     proxy: Proxy,
+    metrics: Metrics,
     background: CancellationToken,
     /// One permit per client connection allowed (`limits.max_connections`).
     connection_slots: Arc<Semaphore>,
@@ -49,6 +51,7 @@ impl Gateway {
             config,
             registry,
             proxy,
+            metrics: Metrics::new(),
             background,
             connection_slots,
         });
@@ -69,6 +72,10 @@ impl Gateway {
 
     pub fn proxy(&self) -> &Proxy {
         &self.proxy
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The client-connection permits every worker's accept loop takes from.

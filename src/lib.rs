@@ -44,6 +44,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod http1;
+pub mod metrics;
 pub mod outcome;
 pub mod proxy;
 pub mod registry;
