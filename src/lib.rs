@@ -12,8 +12,10 @@
 //! - [`http1`]: the one HTTP/1 codec, for the server and the client side.
 //! - [`stack`]: the gateway as one tower service, which every way in calls:
 //!   request ids, sensitive headers, body limits, then the router.
-//! - [`router`]: `/services*` → [`api`], `/call/*` → the proxy, `/healthz`.
+//! - [`router`]: `/services*` → [`api`], `/call/*` → the proxy, `/healthz`,
+//!   `/status` → [`status`].
 //! - [`api`]: the registry's REST handlers and their JSON shapes.
+//! - [`status`]: the live status page and the snapshot it polls.
 //! - [`auth`]: the admin token that guards registry writes.
 //! - [`registry`]: services and instances, health state, the health checker.
 //! - [`breaker`]: the per-instance circuit breaker and its state machine.
@@ -52,6 +54,7 @@ pub mod retry;
 pub mod router;
 pub mod server;
 pub mod stack;
+pub mod status;
 pub mod upstream;
 pub mod write_batch;
 

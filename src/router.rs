@@ -1,6 +1,7 @@
 //! Which handler serves a request: `/call/<service>/*` → the proxy,
 //! `/services*` → the registry API (writes behind the admin token),
-//! `/healthz` → liveness, else 404. `CONNECT` is refused everywhere.
+//! `/healthz` → liveness, `/status` and `/status.json` → the status page,
+//! else 404. `CONNECT` is refused everywhere.
 //!
 //! The router is the innermost service of the gateway's stack
 //! ([`crate::stack`]).
@@ -21,6 +22,7 @@ use crate::body::Body;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::proxy::{self, headers::Peer};
+use crate::status;
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
@@ -87,10 +89,12 @@ impl Service<Request<Body>> for Router {
                 }
             });
         }
-        let answer = if path == "/healthz" {
-            api::healthz(request.method(), self.gateway.registry())
-        } else {
-            Err(api::not_found(path))
+        let method = request.method();
+        let answer = match path {
+            "/healthz" => api::healthz(method, self.gateway.registry()),
+            status::PAGE_PATH => status::page(method),
+            status::SNAPSHOT_PATH => status::snapshot(method, &self.gateway),
+            _ => Err(api::not_found(path)),
         };
         Box::pin(std::future::ready(Ok(
             answer.unwrap_or_else(GatewayError::into_response)
