@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use switchyard::{Config, Gateway, server};
 
+pub mod browser;
 pub mod process;
 
 /// A reply: status, headers, body.
