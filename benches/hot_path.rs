@@ -2,13 +2,17 @@
 //! the service, pick an instance, pass its circuit, decide on a retry, and
 //! rewrite headers. Each should cost the same whatever the size of the
 //! registry: compare the 10 / 10 000 services and 3 / 1 000 instances rows.
+//! The last rows take one `/call` through the whole gateway stack, answered
+//! by the proxy without an instance to call: what the gateway-wide layers
+//! cost around it.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use http::{HeaderMap, HeaderValue, Uri};
+use http::{HeaderMap, HeaderValue, Request, Uri};
+use http_body_util::BodyExt;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use switchyard::balance;
@@ -19,6 +23,7 @@ use switchyard::proxy::path::CallTarget;
 use switchyard::registry::{HealthChecker, Registration, Registry};
 use switchyard::retry::{self, Failure, RequestTraits, RetryBudget};
 use tokio::time::Instant;
+use tower::Service;
 
 /// A registry of `services` services with `instances` instances each,
 /// health checks off.
@@ -150,12 +155,43 @@ fn header_rewriting(c: &mut Criterion) {
     });
 }
 
+/// One `/call` to a service with no instance through the gateway's stack,
+/// answered 503 by the proxy, its body read to the end.
+fn gateway_stack(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = Config::from_toml("[health_check]\ninterval = \"0s\"\n").expect("valid");
+    let gateway = runtime
+        .block_on(switchyard::Gateway::new(config))
+        .expect("gateway");
+    let stack = switchyard::stack::stack(gateway);
+    c.bench_function("stack: /call answered by the gateway", |b| {
+        b.to_async(&runtime).iter_batched(
+            || {
+                let request = Request::get("/call/absent/users/42")
+                    .header("x-request-id", "c1b5c8b2-4a51-4c8e-9d1b-2b1f8c7d9e01")
+                    .body(switchyard::body::empty())
+                    .expect("request");
+                (stack.clone(), request)
+            },
+            |(mut stack, request)| async move {
+                let response = stack.call(request).await.expect("infallible");
+                black_box(response.into_body().collect().await.expect("full body"))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 criterion_group!(
     benches,
     route_lookup,
     instance_pick,
     breaker,
     retry_decision,
-    header_rewriting
+    header_rewriting,
+    gateway_stack
 );
 criterion_main!(benches);
