@@ -11,7 +11,9 @@
 //!   gateway's own HTTP/1 server, and hyper's for HTTP/2.
 //! - [`http1`]: the one HTTP/1 codec, for the server and the client side.
 //! - [`stack`]: the gateway as one tower service, which every way in calls:
-//!   request ids, sensitive headers, body limits, then the router.
+//!   request ids, sensitive headers, the access log, body limits, then the
+//!   router.
+//! - [`access_log`]: one line per proxied request, as the stack's layer.
 //! - [`router`]: `/services*` → [`api`], `/call/*` → the proxy, `/healthz`.
 //! - [`api`]: the registry's REST handlers and their JSON shapes.
 //! - [`auth`]: the admin token that guards registry writes.
@@ -35,6 +37,7 @@
 // its own whose documentation carries the safety argument.
 #![deny(unsafe_code)]
 
+pub mod access_log;
 pub mod api;
 pub mod auth;
 pub mod balance;
