@@ -29,6 +29,7 @@
 //! - [`error`]: the gateway's errors and the one place they become HTTP.
 //! - [`body`]: the one body type, and bounded body reading.
 //! - [`config`]: `gateway.toml`, defaults, environment overrides, validation.
+//! - [`log`]: where log lines go and in what shape, changeable while running.
 //! - [`gateway`]: the shared state handed to every connection.
 //! - [`write_batch`]: writes that go out together at the end of the event
 //!   loop's turn, in one system call.
@@ -47,6 +48,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod http1;
+pub mod log;
 pub mod metrics;
 pub mod outcome;
 pub mod proxy;
