@@ -46,14 +46,30 @@ pub struct Logging {
 
 impl Logging {
     /// Installs the process-wide subscriber with `config`'s format and
-    /// access switch; an error if one is installed already.
+    /// access switch, writing to stderr; an error if a subscriber is
+    /// installed already.
     pub fn init(config: &LogConfig) -> Result<Self, TryInitError> {
+        let ansi = std::io::stderr().is_terminal();
+        Self::install(config, std::io::stderr(), ansi)
+    }
+
+    /// As [`Logging::init`], writing to `out`, without colours.
+    pub fn init_writing_to<W>(config: &LogConfig, out: W) -> Result<Self, TryInitError>
+    where
+        W: std::io::Write + Send + 'static,
+    {
+        Self::install(config, out, false)
+    }
+
+    fn install<W>(config: &LogConfig, out: W, ansi: bool) -> Result<Self, TryInitError>
+    where
+        W: std::io::Write + Send + 'static,
+    {
         let (filter, refused) = env_filter();
         let (writer, guard) = NonBlockingBuilder::default()
             .lossy(true)
             .thread_name("switchyard-log")
-            .finish(std::io::stderr());
-        let ansi = std::io::stderr().is_terminal();
+            .finish(out);
         let (formatter, handle) = reload::Layer::new(formatter(config.format, &writer, ansi));
         tracing_subscriber::registry()
             .with(filter)
