@@ -4,7 +4,7 @@
 //! registry: compare the 10 / 10 000 services and 3 / 1 000 instances rows.
 //! The last rows take one `/call` through the whole gateway stack, answered
 //! by the proxy without an instance to call: what the gateway-wide layers
-//! cost around it.
+//! cost around it, with the access log off and on.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -15,9 +15,11 @@ use http::{HeaderMap, HeaderValue, Request, Uri};
 use http_body_util::BodyExt;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
+use switchyard::access_log::AccessSwitch;
 use switchyard::balance;
 use switchyard::breaker::Breaker;
-use switchyard::config::{CircuitBreakerConfig, Config, RetryConfig};
+use switchyard::config::{CircuitBreakerConfig, Config, LogConfig, LogFormat, RetryConfig};
+use switchyard::log::Logging;
 use switchyard::proxy::headers::{self, Peer};
 use switchyard::proxy::path::CallTarget;
 use switchyard::registry::{HealthChecker, Registration, Registry};
@@ -156,19 +158,43 @@ fn header_rewriting(c: &mut Criterion) {
 }
 
 /// One `/call` to a service with no instance through the gateway's stack,
-/// answered 503 by the proxy, its body read to the end.
+/// answered 503 by the proxy, its body read to the end: with the access
+/// log off, then on, in JSON, its lines written to nowhere by the logging
+/// thread. (That installs the process's subscriber: it runs last.)
 fn gateway_stack(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    stack_call(c, &runtime, "stack: /call answered by the gateway", None);
+    let on = LogConfig {
+        access: true,
+        format: LogFormat::Json,
+    };
+    let logging = Logging::init_writing_to(&on, std::io::sink()).expect("the first subscriber");
+    stack_call(
+        c,
+        &runtime,
+        "stack: /call answered by the gateway, access log on",
+        Some(logging.access_switch().clone()),
+    );
+}
+
+fn stack_call(
+    c: &mut Criterion,
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    access: Option<AccessSwitch>,
+) {
     let config = Config::from_toml("[health_check]\ninterval = \"0s\"\n").expect("valid");
-    let gateway = runtime
-        .block_on(switchyard::Gateway::new(config))
-        .expect("gateway");
+    let gateway = match access {
+        Some(access) => runtime.block_on(switchyard::Gateway::with_access_switch(config, access)),
+        None => runtime.block_on(switchyard::Gateway::new(config)),
+    }
+    .expect("gateway");
     let stack = switchyard::stack::stack(gateway);
-    c.bench_function("stack: /call answered by the gateway", |b| {
-        b.to_async(&runtime).iter_batched(
+    c.bench_function(name, |b| {
+        b.to_async(runtime).iter_batched(
             || {
                 let request = Request::get("/call/absent/users/42")
                     .header("x-request-id", "c1b5c8b2-4a51-4c8e-9d1b-2b1f8c7d9e01")
