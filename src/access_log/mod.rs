@@ -34,10 +34,11 @@
 //! Whether to log is decided per request from an [`AccessSwitch`], which
 //! [`crate::log::Logging`] turns on and off while the gateway runs. Off, a
 //! request costs the layer one relaxed atomic load: no allocation, no
-//! wrapped body. On, the line's fields travel with the response body in the
-//! box every body already gets; a request with a body adds a shared counter
-//! and a box around it. The instance and the attempt count come from the
-//! proxy, as the response extension [`crate::proxy::Served`].
+//! wrapped body. On, the line's fields are copied (reference counts, for
+//! the most part) into the response body's new box, and a request with a
+//! body gets a box and a shared counter around it. The instance and the
+//! attempt count come from the proxy, as the response extension
+//! [`crate::proxy::Served`].
 
 mod body;
 mod future;
@@ -57,7 +58,7 @@ use crate::body::Body;
 use crate::proxy::Served;
 use crate::proxy::headers::X_REQUEST_ID;
 use crate::proxy::path::PREFIX;
-pub use body::{CountedBody, LoggedBody};
+use body::{CountedBody, LoggedBody};
 pub use future::ResponseFuture;
 pub use layer::AccessLogLayer;
 

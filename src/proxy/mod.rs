@@ -145,7 +145,7 @@ impl Proxy {
     /// It owns what it uses, in one future: the router boxes it for every
     /// request, and a future that held its caller's arguments as well as
     /// its own would be copied into the box twice as large. So every way
-    /// out goes through the request's [`Tally`].
+    /// out goes through the request's tally, rather than a wrapper.
     pub async fn forward<B>(
         gateway: Arc<Gateway>,
         request: Request<B>,
