@@ -2,23 +2,30 @@
 //! the service, pick an instance, pass its circuit, decide on a retry, and
 //! rewrite headers. Each should cost the same whatever the size of the
 //! registry: compare the 10 / 10 000 services and 3 / 1 000 instances rows.
+//! The last rows take one `/call` through the whole gateway stack, answered
+//! by the proxy without an instance to call: what the gateway-wide layers
+//! cost around it, with the access log off and on.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use http::{HeaderMap, HeaderValue, Uri};
+use http::{HeaderMap, HeaderValue, Request, Uri};
+use http_body_util::BodyExt;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
+use switchyard::access_log::AccessSwitch;
 use switchyard::balance;
 use switchyard::breaker::Breaker;
-use switchyard::config::{CircuitBreakerConfig, Config, RetryConfig};
+use switchyard::config::{CircuitBreakerConfig, Config, LogConfig, LogFormat, RetryConfig};
+use switchyard::log::Logging;
 use switchyard::proxy::headers::{self, Peer};
 use switchyard::proxy::path::CallTarget;
 use switchyard::registry::{HealthChecker, Registration, Registry};
 use switchyard::retry::{self, Failure, RequestTraits, RetryBudget};
 use tokio::time::Instant;
+use tower::Service;
 
 /// A registry of `services` services with `instances` instances each,
 /// health checks off.
@@ -150,12 +157,67 @@ fn header_rewriting(c: &mut Criterion) {
     });
 }
 
+/// One `/call` to a service with no instance through the gateway's stack,
+/// answered 503 by the proxy, its body read to the end: with the access
+/// log off, then on, in JSON, its lines written to nowhere by the logging
+/// thread. (That installs the process's subscriber: it runs last.)
+fn gateway_stack(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    stack_call(c, &runtime, "stack: /call answered by the gateway", None);
+    let on = LogConfig {
+        access: true,
+        format: LogFormat::Json,
+    };
+    let logging = Logging::init_writing_to(&on, std::io::sink()).expect("the first subscriber");
+    stack_call(
+        c,
+        &runtime,
+        "stack: /call answered by the gateway, access log on",
+        Some(logging.access_switch().clone()),
+    );
+}
+
+fn stack_call(
+    c: &mut Criterion,
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    access: Option<AccessSwitch>,
+) {
+    let config = Config::from_toml("[health_check]\ninterval = \"0s\"\n").expect("valid");
+    let gateway = match access {
+        Some(access) => runtime.block_on(switchyard::Gateway::with_access_switch(config, access)),
+        None => runtime.block_on(switchyard::Gateway::new(config)),
+    }
+    .expect("gateway");
+    let stack = switchyard::stack::stack(gateway);
+    c.bench_function(name, |b| {
+        b.to_async(runtime).iter_batched(
+            || {
+                let request = Request::get("/call/absent/users/42")
+                    .header("x-request-id", "c1b5c8b2-4a51-4c8e-9d1b-2b1f8c7d9e01")
+                    .body(switchyard::body::empty())
+                    .expect("request");
+                (stack.clone(), request)
+            },
+            |(mut stack, request)| async move {
+                let response = stack.call(request).await.expect("infallible");
+                black_box(response.into_body().collect().await.expect("full body"))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 criterion_group!(
     benches,
     route_lookup,
     instance_pick,
     breaker,
     retry_decision,
-    header_rewriting
+    header_rewriting,
+    gateway_stack
 );
 criterion_main!(benches);

@@ -1,11 +1,12 @@
-//! The gateway's shared state: configuration, registry, proxy, and
-//! the token that stops its background tasks.
+//! The gateway's shared state: configuration, registry, proxy, the
+//! access log's switch, and the token that stops its background tasks.
 
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::AccessSwitch;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -17,6 +18,7 @@ pub struct Gateway {
     registry: Arc<Registry>,
     proxy: Proxy,
     metrics: Metrics,
+    access: AccessSwitch,
     background: CancellationToken,
     /// One permit per client connection allowed (`limits.max_connections`).
     connection_slots: Arc<Semaphore>,
@@ -30,16 +32,32 @@ impl Gateway {
     /// error naming the file and the problem: the gateway never starts
     /// empty in silence.
     pub async fn new(config: Config) -> Result<Arc<Self>, StoreError> {
-        Self::build(config, None).await
+        let access = AccessSwitch::new(config.log.access);
+        Self::build(config, None, access).await
     }
 
     /// As [`Gateway::new`], with the proxy's random picks drawn from a
     /// generator seeded with `seed`, so a test can repeat them.
     pub async fn with_seed(config: Config, seed: u64) -> Result<Arc<Self>, StoreError> {
-        Self::build(config, Some(seed)).await
+        let access = AccessSwitch::new(config.log.access);
+        Self::build(config, Some(seed), access).await
     }
 
-    async fn build(config: Config, seed: Option<u64>) -> Result<Arc<Self>, StoreError> {
+    /// As [`Gateway::new`], with the access log on while `access` is
+    /// (rather than as `[log] access` says): the switch
+    /// [`crate::log::Logging`] turns on and off at run time.
+    pub async fn with_access_switch(
+        config: Config,
+        access: AccessSwitch,
+    ) -> Result<Arc<Self>, StoreError> {
+        Self::build(config, None, access).await
+    }
+
+    async fn build(
+        config: Config,
+        seed: Option<u64>,
+        access: AccessSwitch,
+    ) -> Result<Arc<Self>, StoreError> {
         let store = store::open(&config.registry).await?;
         let config = Arc::new(config);
         let background = CancellationToken::new();
@@ -52,6 +70,7 @@ impl Gateway {
             registry,
             proxy,
             metrics: Metrics::new(),
+            access,
             background,
             connection_slots,
         });
@@ -76,6 +95,11 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Whether `/call` requests are logged, one line each.
+    pub fn access_switch(&self) -> &AccessSwitch {
+        &self.access
     }
 
     /// The client-connection permits every worker's accept loop takes from.

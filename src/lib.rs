@@ -11,7 +11,9 @@
 //!   gateway's own HTTP/1 server, and hyper's for HTTP/2.
 //! - [`http1`]: the one HTTP/1 codec, for the server and the client side.
 //! - [`stack`]: the gateway as one tower service, which every way in calls:
-//!   request ids, sensitive headers, body limits, then the router.
+//!   request ids, sensitive headers, the access log, body limits, then the
+//!   router.
+//! - [`access_log`]: one line per proxied request, as the stack's layer.
 //! - [`router`]: `/services*` → [`api`], `/call/*` → the proxy, `/healthz`,
 //!   `/status` → [`status`].
 //! - [`api`]: the registry's REST handlers and their JSON shapes.
@@ -29,6 +31,7 @@
 //! - [`error`]: the gateway's errors and the one place they become HTTP.
 //! - [`body`]: the one body type, and bounded body reading.
 //! - [`config`]: `gateway.toml`, defaults, environment overrides, validation.
+//! - [`log`]: where log lines go and in what shape, changeable while running.
 //! - [`gateway`]: the shared state handed to every connection.
 //! - [`write_batch`]: writes that go out together at the end of the event
 //!   loop's turn, in one system call.
@@ -37,6 +40,7 @@
 // its own whose documentation carries the safety argument.
 #![deny(unsafe_code)]
 
+pub mod access_log;
 pub mod api;
 pub mod auth;
 pub mod balance;
@@ -46,6 +50,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod http1;
+pub mod log;
 pub mod metrics;
 pub mod outcome;
 pub mod proxy;

@@ -1,7 +1,6 @@
-//! The `switchyard` binary: command line → logging → configuration → bind →
+//! The `switchyard` binary: command line → configuration → logging → bind →
 //! `server::run` on each worker thread.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,9 +8,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use switchyard::config::{Config, ConfigError, ConfigSource};
+use switchyard::log::Logging;
 use switchyard::{Gateway, server};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -49,8 +48,15 @@ fn main() -> ExitCode {
         print!("{}", config.report(&source));
         return ExitCode::SUCCESS;
     }
-    init_logging();
-    serve(config, source)
+    // Kept to the end of `main`: dropping it writes the lines still queued.
+    let logging = match Logging::init(&config.log) {
+        Ok(logging) => logging,
+        Err(e) => {
+            eprintln!("switchyard: cannot set up logging: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    serve(config, source, &logging)
 }
 
 fn load(cli: &Cli) -> Result<(Config, ConfigSource), ConfigError> {
@@ -63,29 +69,12 @@ fn load(cli: &Cli) -> Result<(Config, ConfigSource), ConfigError> {
     Ok((config, source))
 }
 
-fn init_logging() {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.is_empty() => {
-            EnvFilter::try_new(&directives).unwrap_or_else(|e| {
-                eprintln!("switchyard: ignoring RUST_LOG={directives:?} ({e}); logging at info");
-                EnvFilter::new("info")
-            })
-        }
-        _ => EnvFilter::new("info"),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
 /// Runs the gateway on `gateway.workers` threads, each with its own event
 /// loop and listening socket (SO_REUSEPORT): the kernel spreads connections
 /// over them, and a request never leaves the thread its connection lives on
 /// (each instance keeps one connection pool per worker). The main thread is
 /// worker 0 and also owns the signal handling.
-fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
+fn serve(mut config: Config, source: ConfigSource, logging: &Logging) -> ExitCode {
     if config.gateway.workers == 0 {
         config.gateway.workers = default_workers();
     }
@@ -93,7 +82,7 @@ fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
     let main = match worker_runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("switchyard: cannot start the runtime: {e}");
+            tracing::error!(error = %e, "cannot start the runtime");
             return ExitCode::FAILURE;
         }
     };
@@ -121,7 +110,8 @@ fn serve(mut config: Config, source: ConfigSource) -> ExitCode {
     // The upstream policy refuses the gateway's own address: the real one.
     config.gateway.listen = local;
     let name = config.gateway.name.clone();
-    let gateway = match main.block_on(Gateway::new(config)) {
+    let access = logging.access_switch().clone();
+    let gateway = match main.block_on(Gateway::with_access_switch(config, access)) {
         Ok(gateway) => gateway,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the registry");

@@ -12,9 +12,11 @@
 //!    log lines and the instance. (tower-http's `SetRequestId` does the
 //!    same and also stores the id as a request extension: three
 //!    allocations on every request, for a copy nothing here reads.)
-//! 3. the request body must make progress every `body_idle_timeout`
+//! 3. the access log writes one line per `/call` request while it is on
+//!    ([`AccessLogLayer`]), after the request id, which it logs;
+//! 4. the request body must make progress every `body_idle_timeout`
 //!    ([`BodyIdleTimeoutLayer`]; a stall is the client's fault, 408);
-//! 4. the [`Router`]: the proxy, or the registry API behind the admin
+//! 5. the [`Router`]: the proxy, or the registry API behind the admin
 //!    token.
 //!
 //! Each instance has its own stack below the proxy
@@ -39,6 +41,7 @@ use http_body::Body as _;
 use tower::{Layer, Service};
 use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequestHeadersLayer};
 
+use crate::access_log::{AccessLog, AccessLogLayer};
 use crate::body::{self, Body, IdleTimeout};
 use crate::gateway::Gateway;
 pub use crate::proxy::headers::Peer;
@@ -46,16 +49,18 @@ use crate::proxy::headers::X_REQUEST_ID;
 pub use crate::router::Router;
 
 /// The gateway's request handling, every layer included.
-pub type Stack = SetSensitiveRequestHeaders<RequestId<BodyIdleTimeout<Router>>>;
+pub type Stack = SetSensitiveRequestHeaders<RequestId<AccessLog<BodyIdleTimeout<Router>>>>;
 
 /// Builds the stack over `gateway`.
 pub fn stack(gateway: Arc<Gateway>) -> Stack {
     let idle = gateway.config().limits.body_idle_timeout;
+    let access = gateway.access_switch().clone();
     tower::ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
         ]))
         .layer(RequestIdLayer)
+        .layer(AccessLogLayer::new(access))
         .layer(BodyIdleTimeoutLayer { idle })
         .service(Router::new(gateway))
 }
@@ -64,7 +69,7 @@ pub fn stack(gateway: Arc<Gateway>) -> Stack {
 /// of every request it serves.
 pub fn for_client(stack: &Stack, peer: Peer) -> Stack {
     let mut stack = stack.clone();
-    stack.get_mut().get_mut().get_mut().set_peer(peer);
+    stack.get_mut().get_mut().get_mut().get_mut().set_peer(peer);
     stack
 }
 

@@ -17,7 +17,8 @@
 //!    fails gets its own error (408, 400), never blamed on the instance.
 //! 4. The response streams back with its hop-by-hop headers removed and
 //!    `x-switchyard-upstream` added; or, when nothing answered, the gateway's
-//!    error ([`rescue`]).
+//!    error ([`rescue`]). While the access log is on, every answer carries
+//!    what the proxy did for it ([`Served`]).
 
 pub mod headers;
 pub mod path;
@@ -25,7 +26,7 @@ pub mod path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, Version, header};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
 use http_body_util::BodyExt;
 use rand::Rng;
 use rand::rngs::SmallRng;
@@ -38,7 +39,7 @@ use crate::config::Config;
 use crate::error::{ErrorCode, GatewayError};
 use crate::gateway::Gateway;
 use crate::outcome::{ClientFault, Failure, Outcome};
-use crate::registry::{HealthStatus, Instance, InstanceStack, ServiceEntry};
+use crate::registry::{HealthStatus, Instance, InstanceStack, Registry, ServiceEntry};
 use crate::retry::replay::RequestBody;
 use crate::retry::{self, RequestTraits};
 use crate::upstream::{Deadline, Outbound, UpstreamBody};
@@ -58,6 +59,56 @@ impl RngSource {
             Self::Thread => f(&mut rand::rng()),
             Self::Seeded(rng) => f(&mut *rng.lock().unwrap_or_else(|p| p.into_inner())),
         }
+    }
+}
+
+/// What the proxy did for a request: the instance its last attempt went
+/// to (`None` when no attempt went out) and how many attempts went out.
+///
+/// A response extension on every answer of the proxy, its own errors
+/// included, for the access log ([`crate::access_log`]); set only while
+/// the access log is on, since an extension costs allocations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Served {
+    pub instance: Option<Arc<str>>,
+    pub attempts: u32,
+}
+
+/// One request's [`Served`] as it goes, and whether its answer is to
+/// carry it: read once, so a request and its answer agree.
+struct Tally {
+    served: Served,
+    log: bool,
+}
+
+impl Tally {
+    fn new(gateway: &Gateway) -> Self {
+        Self {
+            served: Served::default(),
+            log: gateway.access_switch().is_on(),
+        }
+    }
+
+    fn attempts(&self) -> u32 {
+        self.served.attempts
+    }
+
+    /// Counts an attempt at `instance`; it is named only for the log.
+    fn attempted(&mut self, instance: &Instance) {
+        self.served.attempts += 1;
+        if self.log {
+            self.served.instance = Some(instance.id_name().clone());
+        }
+    }
+
+    /// The answer to the client: `result`, the gateway's error as its
+    /// response, marked with what was served if the log is on.
+    fn answer(self, result: Result<Response<Body>, GatewayError>) -> Response<Body> {
+        let mut response = result.unwrap_or_else(GatewayError::into_response);
+        if self.log {
+            response.extensions_mut().insert(self.served);
+        }
+        response
     }
 }
 
@@ -88,34 +139,36 @@ impl Proxy {
     }
 
     /// Forwards one `/call/...` request of `gateway` from the client
-    /// `peer`; every failure is the gateway's error, for the caller to
-    /// answer ([`GatewayError::into_response`]).
+    /// `peer`: the instance's response, or the gateway's error answer
+    /// ([`GatewayError::into_response`]) when it has none to give.
     ///
     /// It owns what it uses, in one future: the router boxes it for every
     /// request, and a future that held its caller's arguments as well as
-    /// its own would be copied into the box twice as large.
+    /// its own would be copied into the box twice as large. So every way
+    /// out goes through the request's tally, rather than a wrapper.
     pub async fn forward<B>(
         gateway: Arc<Gateway>,
         request: Request<B>,
         peer: Peer,
-    ) -> Result<Response<Body>, GatewayError>
+    ) -> Response<Body>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let (proxy, registry) = (gateway.proxy(), gateway.registry());
-        proxy.check(&request)?;
+        let mut tally = Tally::new(&gateway);
         let (parts, body) = request.into_parts();
         let http::request::Parts {
             method,
             uri,
             headers: request_headers,
+            version,
             ..
         } = parts;
-        let target = CallTarget::parse(&uri)?;
-        let service = registry
-            .get(target.service)
-            .ok_or_else(|| no_instance(target.service))?;
+        let (target, service) = match proxy.admit(version, &uri, &request_headers, registry) {
+            Ok(admitted) => admitted,
+            Err(refused) => return tally.answer(Err(refused)),
+        };
         service.budget().deposit();
         let policy = &service.policy().retry;
 
@@ -129,15 +182,15 @@ impl Proxy {
         let fields =
             headers::forward_fields(&request_headers, &peer, client_host.as_ref(), &proxy.via);
         drop(client_host);
-        let body = RequestBody::read(body, declared, policy.max_replay_body_bytes)
-            .await
-            .map_err(|e| ClientFault::of(&*e).into_error())?;
+        let body = match RequestBody::read(body, declared, policy.max_replay_body_bytes).await {
+            Ok(body) => body,
+            Err(e) => return tally.answer(Err(ClientFault::of(&*e).into_error())),
+        };
 
         let deadline = Instant::now() + proxy.request_timeout;
         let per_try = policy.effective_per_try_timeout(proxy.request_timeout);
         let mut tried: Vec<Arc<Instance>> = Vec::new();
         let mut refused: Vec<Arc<Instance>> = Vec::new();
-        let mut attempts = 0u32;
         // Boxed: rare, and it would otherwise make every request's future
         // larger.
         let mut last_response: Option<Box<(Response<UpstreamBody>, Arc<Instance>)>> = None;
@@ -146,8 +199,8 @@ impl Proxy {
         loop {
             let now = Instant::now();
             let Some(instance) = proxy.choose(&service, now, &tried, &refused) else {
-                if attempts == 0 {
-                    return Err(unavailable(&service, now));
+                if tally.attempts() == 0 {
+                    return tally.answer(Err(unavailable(&service, now)));
                 }
                 break;
             };
@@ -173,7 +226,7 @@ impl Proxy {
             let result = call(instance.stack().clone(), request).await;
             let failure = match (Outcome::of(&result), result) {
                 (_, Ok(response)) => {
-                    attempts += 1;
+                    tally.attempted(&instance);
                     let status = response.status().as_u16();
                     let failure = if policy.retry_on_status.contains(&status) {
                         Failure::Status(status)
@@ -182,7 +235,7 @@ impl Proxy {
                     {
                         Failure::Tripped(status)
                     } else {
-                        return Ok(finish(response, &instance));
+                        return tally.answer(Ok(finish(response, &instance)));
                     };
                     last_response = Some(Box::new((response, instance.clone())));
                     failure
@@ -190,18 +243,18 @@ impl Proxy {
                 (Outcome::ClientFault(fault), Err(error)) => {
                     // The client's own body failed: its fault, not the instance's.
                     tracing::debug!(service = service.name(), error = %error, "request body failed");
-                    return Err(fault.into_error());
+                    return tally.answer(Err(fault.into_error()));
                 }
                 (Outcome::Refused, Err(_)) => {
                     refused.push(instance);
                     continue;
                 }
                 (outcome, Err(error)) => {
-                    attempts += 1;
+                    tally.attempted(&instance);
                     tracing::debug!(
                         service = service.name(),
                         instance = instance.id(),
-                        attempt = attempts,
+                        attempt = tally.attempts(),
                         error = %error,
                         "attempt failed"
                     );
@@ -217,12 +270,16 @@ impl Proxy {
                 break;
             }
             let traits = RequestTraits::new(&method, &request_headers, body.replayable());
-            if let Err(why) = retry::decide(failure, traits, attempts, policy, service.budget()) {
+            if let Err(why) =
+                retry::decide(failure, traits, tally.attempts(), policy, service.budget())
+            {
                 tracing::debug!(service = service.name(), ?why, "not retrying");
                 break;
             }
             tried.push(instance);
-            let pause = proxy.rng.with(|rng| retry::backoff(policy, attempts, rng));
+            let pause = proxy
+                .rng
+                .with(|rng| retry::backoff(policy, tally.attempts(), rng));
             if Instant::now() + pause >= deadline {
                 last_failure = Failure::Timeout;
                 break;
@@ -231,27 +288,43 @@ impl Proxy {
         }
 
         // Attempts ran out: the last upstream answer as it is, if there was one.
-        match last_response {
+        tally.answer(match last_response {
             Some(last) => {
                 let (response, instance) = *last;
                 Ok(finish(response, &instance))
             }
             None => Err(rescue(last_failure, &service, proxy.request_timeout)),
-        }
+        })
     }
 
-    /// What is refused before the target is even read: an absolute-form
-    /// target (this is not a forward proxy) and a request that already
-    /// passed through this gateway.
-    fn check<B>(&self, request: &Request<B>) -> Result<(), GatewayError> {
-        if request.version() < Version::HTTP_2 && request.uri().scheme().is_some() {
+    /// The request's target and service, unless it is refused before any
+    /// attempt: an absolute-form target (this is not a forward proxy), a
+    /// request that already passed through this gateway, a path that is
+    /// not a call, or an unknown service.
+    fn admit<'u>(
+        &self,
+        version: Version,
+        uri: &'u Uri,
+        headers: &HeaderMap,
+        registry: &Registry,
+    ) -> Result<(CallTarget<'u>, Arc<ServiceEntry>), GatewayError> {
+        self.check(version, uri, headers)?;
+        let target = CallTarget::parse(uri)?;
+        let service = registry
+            .get(target.service)
+            .ok_or_else(|| no_instance(target.service))?;
+        Ok((target, service))
+    }
+
+    fn check(&self, version: Version, uri: &Uri, headers: &HeaderMap) -> Result<(), GatewayError> {
+        if version < Version::HTTP_2 && uri.scheme().is_some() {
             // An absolute-form target asks for a forward proxy, which this is not.
             return Err(GatewayError::new(
                 ErrorCode::InvalidPath,
                 "absolute-form request targets are not accepted; send /call/<service>/<path>",
             ));
         }
-        if headers::passed_through(request.headers(), &self.name) {
+        if headers::passed_through(headers, &self.name) {
             return Err(GatewayError::new(
                 ErrorCode::LoopDetected,
                 format!("the request already passed through gateway {:?}", self.name),

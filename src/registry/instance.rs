@@ -186,7 +186,7 @@ impl Instance {
         &self.id
     }
 
-    pub(super) fn id_name(&self) -> &Arc<str> {
+    pub(crate) fn id_name(&self) -> &Arc<str> {
         &self.id
     }
 

@@ -66,6 +66,8 @@ pub struct Running {
     pub child: Child,
     pub addr: String,
     lines: std::sync::mpsc::Receiver<String>,
+    /// Every stderr line read so far, in order.
+    pub seen: Vec<String>,
 }
 
 impl Running {
@@ -88,14 +90,10 @@ impl Running {
             child,
             addr: String::new(),
             lines,
+            seen: Vec::new(),
         };
         let line = running.wait_for("listening");
-        running.addr = line
-            .split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .expect("the listening line names the address")
-            .to_string();
+        running.addr = listening_addr(&line);
         running
     }
 
@@ -104,11 +102,24 @@ impl Running {
             let line = self
                 .lines
                 .recv_timeout(Duration::from_secs(20))
-                .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+                .unwrap_or_else(|_| panic!("no log line with {needle:?} in {:#?}", self.seen));
+            self.seen.push(line.clone());
             if line.contains(needle) {
                 return line;
             }
         }
+    }
+
+    /// SIGTERM, then every line written until it exits; its exit status.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        let mut rest = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(20)) {
+            rest.push(line);
+        }
+        (self.child.wait().unwrap(), rest)
     }
 
     /// `kill -9`: no chance to flush or close anything.
@@ -132,6 +143,19 @@ impl Running {
             .await
             .expect("the gateway answers")
     }
+}
+
+/// The address the "switchyard listening" line names, in either log format.
+fn listening_addr(line: &str) -> String {
+    let addr = match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(json) => json["addr"].as_str().map(str::to_string),
+        Err(_) => line
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string),
+    };
+    addr.expect("the listening line names the address")
 }
 
 impl Drop for Running {
