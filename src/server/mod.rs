@@ -14,6 +14,9 @@
 mod h1;
 mod h2;
 mod incoming;
+mod limit;
+
+pub use limit::{ConnectionLimit, Slot};
 
 use std::future::Future;
 use std::sync::Arc;
