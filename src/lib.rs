@@ -27,7 +27,10 @@
 //! - [`error`]: the gateway's errors and the one place they become HTTP.
 //! - [`body`]: the one body type, and bounded body reading.
 //! - [`config`]: `gateway.toml`, defaults, environment overrides, validation.
-//! - [`gateway`]: the shared state handed to every connection.
+//! - [`gateway`]: the shared state handed to every connection, and
+//!   applying a reloaded configuration to it.
+//! - [`reload`]: what a reload changes, what needs a restart, and the
+//!   record of reloads.
 //! - [`write_batch`]: writes that go out together at the end of the event
 //!   loop's turn, in one system call.
 
@@ -48,6 +51,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod retry;
 pub mod router;
 pub mod server;

@@ -12,8 +12,9 @@
 //!    log lines and the instance. (tower-http's `SetRequestId` does the
 //!    same and also stores the id as a request extension: three
 //!    allocations on every request, for a copy nothing here reads.)
-//! 3. the request body must make progress every `body_idle_timeout`
-//!    ([`BodyIdleTimeoutLayer`]; a stall is the client's fault, 408);
+//! 3. the request body must make progress every `body_idle_timeout`, as
+//!    configured when the request arrives ([`BodyIdleTimeoutLayer`]; a
+//!    stall is the client's fault, 408);
 //! 4. the [`Router`]: the proxy, or the registry API behind the admin
 //!    token.
 //!
@@ -32,7 +33,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, header};
 use http_body::Body as _;
@@ -50,13 +50,12 @@ pub type Stack = SetSensitiveRequestHeaders<RequestId<BodyIdleTimeout<Router>>>;
 
 /// Builds the stack over `gateway`.
 pub fn stack(gateway: Arc<Gateway>) -> Stack {
-    let idle = gateway.config().limits.body_idle_timeout;
     tower::ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
         ]))
         .layer(RequestIdLayer)
-        .layer(BodyIdleTimeoutLayer { idle })
+        .layer(BodyIdleTimeoutLayer::new(gateway.clone()))
         .service(Router::new(gateway))
 }
 
@@ -178,15 +177,16 @@ where
     }
 }
 
-/// Puts `body_idle_timeout` on every request body.
-#[derive(Debug, Clone, Copy)]
+/// Puts the gateway's `body_idle_timeout`, as configured when the request
+/// arrives, on every request body.
+#[derive(Clone)]
 pub struct BodyIdleTimeoutLayer {
-    idle: Duration,
+    gateway: Arc<Gateway>,
 }
 
 impl BodyIdleTimeoutLayer {
-    pub fn new(idle: Duration) -> Self {
-        Self { idle }
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
     }
 }
 
@@ -196,17 +196,17 @@ impl<S> Layer<S> for BodyIdleTimeoutLayer {
     fn layer(&self, inner: S) -> BodyIdleTimeout<S> {
         BodyIdleTimeout {
             inner,
-            idle: self.idle,
+            gateway: self.gateway.clone(),
         }
     }
 }
 
-/// A request body that makes no progress for `idle` while it is awaited
-/// fails with [`crate::body::BodyStalled`].
-#[derive(Debug, Clone)]
+/// A request body that makes no progress for `body_idle_timeout` while it
+/// is awaited fails with [`crate::body::BodyStalled`].
+#[derive(Clone)]
 pub struct BodyIdleTimeout<S> {
     inner: S,
-    idle: Duration,
+    gateway: Arc<Gateway>,
 }
 
 impl<S> BodyIdleTimeout<S> {
@@ -232,7 +232,7 @@ where
         if request.body().is_end_stream() {
             return self.inner.call(request);
         }
-        let idle = self.idle;
+        let idle = self.gateway.config().limits.body_idle_timeout;
         self.inner
             .call(request.map(|b| body::boxed(IdleTimeout::new(b, idle))))
     }

@@ -25,6 +25,7 @@ pub mod path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, Version, header};
 use http_body_util::BodyExt;
 use rand::Rng;
@@ -62,16 +63,21 @@ impl RngSource {
 }
 
 pub struct Proxy {
+    settings: ArcSwap<Settings>,
+    rng: RngSource,
+}
+
+/// What the proxy takes from the configuration, swapped whole by a reload;
+/// a request reads it once, when it starts.
+struct Settings {
     /// The gateway's name: its `Via` entry, and how it recognises a loop.
     name: String,
     via: HeaderValue,
     request_timeout: Duration,
-    rng: RngSource,
 }
 
-impl Proxy {
-    pub fn new(config: &Config, seed: Option<u64>) -> Self {
-        use rand::SeedableRng;
+impl Settings {
+    fn of(config: &Config) -> Self {
         let name = config.gateway.name.clone();
         // Names are validated to header-safe characters.
         let via = HeaderValue::try_from(format!("1.1 {name}"))
@@ -80,11 +86,28 @@ impl Proxy {
             name,
             via,
             request_timeout: config.proxy.request_timeout,
+        }
+    }
+}
+
+impl Proxy {
+    pub fn new(config: &Config, seed: Option<u64>) -> Self {
+        use rand::SeedableRng;
+        Self {
+            settings: ArcSwap::from_pointee(Settings::of(config)),
             rng: match seed {
                 Some(seed) => RngSource::Seeded(Mutex::new(SmallRng::seed_from_u64(seed))),
                 None => RngSource::Thread,
             },
         }
+    }
+
+    /// Takes the name and request timeout of a reloaded `config`, for the
+    /// requests that start from now on. A request already on its way keeps
+    /// what it started with; one looping back under the old name is caught
+    /// one round later, under the new.
+    pub fn reconfigure(&self, config: &Config) {
+        self.settings.store(Arc::new(Settings::of(config)));
     }
 
     /// Forwards one `/call/...` request of `gateway` from the client
@@ -104,7 +127,9 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let (proxy, registry) = (gateway.proxy(), gateway.registry());
-        proxy.check(&request)?;
+        let settings = proxy.settings.load();
+        check(&request, &settings.name)?;
+        let request_timeout = settings.request_timeout;
         let (parts, body) = request.into_parts();
         let http::request::Parts {
             method,
@@ -127,14 +152,14 @@ impl Proxy {
         let declared = http_body::Body::size_hint(&body).exact();
         let declare_empty = request_headers.contains_key(header::CONTENT_LENGTH);
         let fields =
-            headers::forward_fields(&request_headers, &peer, client_host.as_ref(), &proxy.via);
-        drop(client_host);
+            headers::forward_fields(&request_headers, &peer, client_host.as_ref(), &settings.via);
+        drop((client_host, settings));
         let body = RequestBody::read(body, declared, policy.max_replay_body_bytes)
             .await
             .map_err(|e| ClientFault::of(&*e).into_error())?;
 
-        let deadline = Instant::now() + proxy.request_timeout;
-        let per_try = policy.effective_per_try_timeout(proxy.request_timeout);
+        let deadline = Instant::now() + request_timeout;
+        let per_try = policy.effective_per_try_timeout(request_timeout);
         let mut tried: Vec<Arc<Instance>> = Vec::new();
         let mut refused: Vec<Arc<Instance>> = Vec::new();
         let mut attempts = 0u32;
@@ -157,7 +182,7 @@ impl Proxy {
             let attempt_deadline = match upload {
                 None => Deadline::At((now + per_try).min(deadline)),
                 Some(upload) => Deadline::AfterUpload {
-                    timeout: proxy.request_timeout,
+                    timeout: request_timeout,
                     upload,
                 },
             };
@@ -236,28 +261,8 @@ impl Proxy {
                 let (response, instance) = *last;
                 Ok(finish(response, &instance))
             }
-            None => Err(rescue(last_failure, &service, proxy.request_timeout)),
+            None => Err(rescue(last_failure, &service, request_timeout)),
         }
-    }
-
-    /// What is refused before the target is even read: an absolute-form
-    /// target (this is not a forward proxy) and a request that already
-    /// passed through this gateway.
-    fn check<B>(&self, request: &Request<B>) -> Result<(), GatewayError> {
-        if request.version() < Version::HTTP_2 && request.uri().scheme().is_some() {
-            // An absolute-form target asks for a forward proxy, which this is not.
-            return Err(GatewayError::new(
-                ErrorCode::InvalidPath,
-                "absolute-form request targets are not accepted; send /call/<service>/<path>",
-            ));
-        }
-        if headers::passed_through(request.headers(), &self.name) {
-            return Err(GatewayError::new(
-                ErrorCode::LoopDetected,
-                format!("the request already passed through gateway {:?}", self.name),
-            ));
-        }
-        Ok(())
     }
 
     /// A routable instance, preferring ones not tried yet for this request;
@@ -289,6 +294,26 @@ impl Proxy {
             .cloned()
         })
     }
+}
+
+/// What is refused before the target is even read: an absolute-form
+/// target (this is not a forward proxy) and a request that already passed
+/// through the gateway called `name`.
+fn check<B>(request: &Request<B>, name: &str) -> Result<(), GatewayError> {
+    if request.version() < Version::HTTP_2 && request.uri().scheme().is_some() {
+        // An absolute-form target asks for a forward proxy, which this is not.
+        return Err(GatewayError::new(
+            ErrorCode::InvalidPath,
+            "absolute-form request targets are not accepted; send /call/<service>/<path>",
+        ));
+    }
+    if headers::passed_through(request.headers(), name) {
+        return Err(GatewayError::new(
+            ErrorCode::LoopDetected,
+            format!("the request already passed through gateway {name:?}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Sends one attempt through `stack`. Written out with its concrete types:
