@@ -6,9 +6,11 @@
 //!
 //! [`AdminToken`] is the check as a validator for tower-http's
 //! `ValidateRequestHeaderLayer`, the layer in front of the registry API.
+//! Its clones share one token, which a reload replaces for all of them.
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::{HeaderMap, Method, Request, Response, header};
 use subtle::ConstantTimeEq;
 use tower_http::validate_request::ValidateRequest;
@@ -27,15 +29,21 @@ pub fn is_write(method: &Method) -> bool {
 /// Refuses registry writes that do not carry the admin token (401).
 #[derive(Debug, Clone)]
 pub struct AdminToken {
-    token: Arc<str>,
+    token: Arc<ArcSwap<String>>,
 }
 
 impl AdminToken {
     /// An empty `token` lets every request through.
     pub fn new(token: &str) -> Self {
         Self {
-            token: token.into(),
+            token: Arc::new(ArcSwap::from_pointee(token.to_string())),
         }
+    }
+
+    /// Makes `token` the one this validator and all its clones check, from
+    /// the next request on.
+    pub fn set(&self, token: &str) {
+        self.token.store(Arc::new(token.to_string()));
     }
 }
 
@@ -46,7 +54,7 @@ impl<B> ValidateRequest<B> for AdminToken {
         if !is_write(request.method()) {
             return Ok(());
         }
-        authorize(&self.token, request.headers()).map_err(GatewayError::into_response)
+        authorize(&self.token.load(), request.headers()).map_err(GatewayError::into_response)
     }
 }
 
@@ -143,5 +151,21 @@ mod tests {
             .body(())
             .unwrap();
         assert!(token.validate(&mut post).is_ok());
+    }
+
+    #[test]
+    fn a_new_token_replaces_the_old_in_every_clone() {
+        let token = AdminToken::new("old");
+        let mut clone = token.clone();
+        token.set("new");
+        let mut with = |bearer: &str| {
+            let mut post = Request::post("/services")
+                .header("authorization", format!("Bearer {bearer}"))
+                .body(())
+                .unwrap();
+            clone.validate(&mut post).is_ok()
+        };
+        assert!(!with("old"));
+        assert!(with("new"));
     }
 }

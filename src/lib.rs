@@ -32,7 +32,10 @@
 //! - [`body`]: the one body type, and bounded body reading.
 //! - [`config`]: `gateway.toml`, defaults, environment overrides, validation.
 //! - [`log`]: where log lines go and in what shape, changeable while running.
-//! - [`gateway`]: the shared state handed to every connection.
+//! - [`gateway`]: the shared state handed to every connection, and
+//!   applying a reloaded configuration to it.
+//! - [`reload`]: what a reload changes, what needs a restart, and the
+//!   record of reloads.
 //! - [`write_batch`]: writes that go out together at the end of the event
 //!   loop's turn, in one system call.
 
@@ -55,6 +58,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod retry;
 pub mod router;
 pub mod server;

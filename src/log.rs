@@ -44,12 +44,19 @@ type Formatter = Box<dyn Layer<Filtered> + Send + Sync>;
 /// The process's logging, set up once; keep it alive until exit, or
 /// queued lines are lost.
 pub struct Logging {
+    control: LogControl,
+    _flush_on_drop: WorkerGuard,
+}
+
+/// Changes the running logging's settings; cloned for whatever applies a
+/// reloaded configuration.
+#[derive(Clone)]
+pub struct LogControl {
     formatter: reload::Handle<Formatter, Filtered>,
     writer: NonBlocking,
     /// Colours, when stderr is a terminal.
     ansi: bool,
     access: AccessSwitch,
-    _flush_on_drop: WorkerGuard,
 }
 
 impl Logging {
@@ -89,26 +96,40 @@ impl Logging {
             tracing::warn!(RUST_LOG = directives.as_str(), %error, "RUST_LOG ignored; logging at info");
         }
         Ok(Self {
-            formatter: handle,
-            writer,
-            ansi,
-            access: AccessSwitch::new(config.access),
+            control: LogControl {
+                formatter: handle,
+                writer,
+                ansi,
+                access: AccessSwitch::new(config.access),
+            },
             _flush_on_drop: guard,
         })
     }
 
+    /// Switches to `config`'s settings ([`LogControl::apply`]).
+    pub fn apply(&self, config: &LogConfig) -> Result<(), reload::Error> {
+        self.control.apply(config)
+    }
+
+    /// The handle that changes these settings while the process runs.
+    pub fn control(&self) -> &LogControl {
+        &self.control
+    }
+
+    /// The access log's switch, for the gateway
+    /// ([`crate::Gateway::with_access_switch`]).
+    pub fn access_switch(&self) -> &AccessSwitch {
+        &self.control.access
+    }
+}
+
+impl LogControl {
     /// Switches to `config`'s format, from the next line on, and turns the
     /// access log on or off, from the next request on.
     pub fn apply(&self, config: &LogConfig) -> Result<(), reload::Error> {
         self.access.set(config.access);
         self.formatter
             .reload(formatter(config.format, &self.writer, self.ansi))
-    }
-
-    /// The access log's switch, for the gateway
-    /// ([`crate::Gateway::with_access_switch`]).
-    pub fn access_switch(&self) -> &AccessSwitch {
-        &self.access
     }
 }
 

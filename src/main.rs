@@ -1,14 +1,14 @@
 //! The `switchyard` binary: command line → configuration → logging → bind →
-//! `server::run` on each worker thread.
+//! `server::run` on each worker thread; SIGHUP reloads the configuration.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use switchyard::config::{Config, ConfigError, ConfigSource};
-use switchyard::log::Logging;
+use switchyard::log::{LogControl, Logging};
 use switchyard::{Gateway, server};
 use tokio_util::sync::CancellationToken;
 
@@ -56,13 +56,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    serve(config, source, &logging)
+    serve(config, source, cli.listen, &logging)
 }
 
 fn load(cli: &Cli) -> Result<(Config, ConfigSource), ConfigError> {
-    let (mut config, source) = Config::read(cli.config.as_deref())?;
+    load_from(cli.config.as_deref(), cli.listen)
+}
+
+/// Reads `file` (or `./gateway.toml` if present, or the defaults), applies
+/// the environment and `listen`, and validates.
+fn load_from(
+    file: Option<&Path>,
+    listen: Option<SocketAddr>,
+) -> Result<(Config, ConfigSource), ConfigError> {
+    let (mut config, source) = Config::read(file)?;
     config.apply_env(|var| std::env::var(var).ok())?;
-    if let Some(listen) = cli.listen {
+    if let Some(listen) = listen {
         config.gateway.listen = listen;
     }
     config.validate()?;
@@ -74,11 +83,12 @@ fn load(cli: &Cli) -> Result<(Config, ConfigSource), ConfigError> {
 /// over them, and a request never leaves the thread its connection lives on
 /// (each instance keeps one connection pool per worker). The main thread is
 /// worker 0 and also owns the signal handling.
-fn serve(mut config: Config, source: ConfigSource, logging: &Logging) -> ExitCode {
-    if config.gateway.workers == 0 {
-        config.gateway.workers = default_workers();
-    }
-    let workers = config.gateway.workers;
+fn serve(
+    mut config: Config,
+    source: ConfigSource,
+    listen: Option<SocketAddr>,
+    logging: &Logging,
+) -> ExitCode {
     let main = match worker_runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -100,15 +110,10 @@ fn serve(mut config: Config, source: ConfigSource, logging: &Logging) -> ExitCod
             return ExitCode::FAILURE;
         }
     };
-    if !local.ip().is_loopback() && config.gateway.admin_token.is_empty() {
-        tracing::warn!(
-            %local,
-            "listening beyond loopback without an admin token: anyone who can reach this \
-             address can change the registry; set gateway.admin_token or SWITCHYARD_ADMIN_TOKEN"
-        );
-    }
-    // The upstream policy refuses the gateway's own address: the real one.
-    config.gateway.listen = local;
+    warn_if_unguarded(local, &config);
+    let bound = Bound { asked: addr, local };
+    bound.settle(&mut config);
+    let workers = config.gateway.workers;
     let name = config.gateway.name.clone();
     let access = logging.access_switch().clone();
     let gateway = match main.block_on(Gateway::with_access_switch(config, access)) {
@@ -119,13 +124,29 @@ fn serve(mut config: Config, source: ConfigSource, logging: &Logging) -> ExitCod
             return ExitCode::FAILURE;
         }
     };
-    let signal = match main.block_on(async { shutdown_signal() }) {
-        Ok(signal) => signal,
+    let signals =
+        main.block_on(async { Ok::<_, std::io::Error>((shutdown_signal()?, reload_signal()?)) });
+    let (signal, hangup) = match signals {
+        Ok(signals) => signals,
         Err(e) => {
             tracing::error!(error = %e, "cannot install the signal handlers");
             return ExitCode::FAILURE;
         }
     };
+    let origin = Origin {
+        file: match &source {
+            ConfigSource::File(path) => Some(path.clone()),
+            ConfigSource::Defaults => None,
+        },
+        listen,
+        bound,
+    };
+    main.spawn(reload_on(
+        hangup,
+        origin,
+        gateway.clone(),
+        logging.control().clone(),
+    ));
     let stop = CancellationToken::new();
     let threads: Vec<_> = (1..workers)
         .filter_map(|index| spawn_worker(index, local, &gateway, &stop))
@@ -147,6 +168,97 @@ fn serve(mut config: Config, source: ConfigSource, logging: &Logging) -> ExitCod
         let _ = thread.join();
     }
     ExitCode::SUCCESS
+}
+
+/// Warns when anyone who can reach `local` could change the registry.
+fn warn_if_unguarded(local: SocketAddr, config: &Config) {
+    if !local.ip().is_loopback() && config.gateway.admin_token.is_empty() {
+        tracing::warn!(
+            %local,
+            "listening beyond loopback without an admin token: anyone who can reach this \
+             address can change the registry; set gateway.admin_token or SWITCHYARD_ADMIN_TOKEN"
+        );
+    }
+}
+
+/// How the configuration was made at start, to make it again on SIGHUP:
+/// the file it came from (a file read at start must still be there), the
+/// `--listen` given, and the address bound.
+struct Origin {
+    file: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    bound: Bound,
+}
+
+/// Where the gateway was asked to listen and where it does.
+#[derive(Clone, Copy)]
+struct Bound {
+    asked: SocketAddr,
+    local: SocketAddr,
+}
+
+impl Bound {
+    /// Resolves what start-up resolved: `workers = 0` is one per core, and
+    /// the listen address asked for is the one bound (port 0 became a
+    /// real port; the upstream policy refuses the gateway's own address,
+    /// the real one). A reloaded file that did not change them compares
+    /// equal to the running configuration.
+    fn settle(self, config: &mut Config) {
+        if config.gateway.workers == 0 {
+            config.gateway.workers = default_workers();
+        }
+        if config.gateway.listen == self.asked {
+            config.gateway.listen = self.local;
+        }
+    }
+}
+
+/// Reloads the configuration each time `hangup` fires, for as long as the
+/// gateway runs.
+async fn reload_on(
+    mut hangup: impl Hangup,
+    origin: Origin,
+    gateway: Arc<Gateway>,
+    logging: LogControl,
+) {
+    while hangup.recv().await {
+        reload(&origin, &gateway, &logging).await;
+    }
+}
+
+/// Reads the configuration again as at start (the same file, environment
+/// and `--listen`), applies it, and logs what happened. Every reload ends
+/// here, and a successful one with the configuration now in force in hand.
+async fn reload(origin: &Origin, gateway: &Gateway, logging: &LogControl) {
+    let report = match load_from(origin.file.as_deref(), origin.listen) {
+        Ok((mut config, source)) => {
+            tracing::info!(config = %source, "reloading the configuration");
+            origin.bound.settle(&mut config);
+            gateway.reload(config).await
+        }
+        Err(e) => gateway.reload_failed(e),
+    };
+    match &report.result {
+        Ok(()) => {
+            for key in &report.not_applied {
+                tracing::warn!(%key, "not applied: needs a restart");
+            }
+            let config = gateway.config();
+            if let Err(error) = logging.apply(&config.log) {
+                tracing::error!(%error, "[log] settings not applied");
+            }
+            warn_if_unguarded(origin.bound.local, &config);
+            let changed = match report.applied.is_empty() {
+                true => "nothing".to_string(),
+                false => report.applied.join(", "),
+            };
+            tracing::info!(%changed, "configuration reloaded");
+        }
+        Err(error) => tracing::error!(
+            %error,
+            "configuration not reloaded: the running configuration stays"
+        ),
+    }
 }
 
 /// One worker per core. On the 2-core reference machine, shared with the
@@ -212,4 +324,38 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("signal received");
     })
+}
+
+/// A stream of requests to reload; `recv` is false once there are no more.
+trait Hangup: Send + 'static {
+    fn recv(&mut self) -> impl std::future::Future<Output = bool> + Send;
+}
+
+#[cfg(unix)]
+impl Hangup for tokio::signal::unix::Signal {
+    async fn recv(&mut self) -> bool {
+        tokio::signal::unix::Signal::recv(self).await.is_some()
+    }
+}
+
+/// SIGHUP, caught from the moment this is made, like the shutdown signals.
+#[cfg(unix)]
+fn reload_signal() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
+/// No SIGHUP here: nothing ever asks for a reload.
+#[cfg(not(unix))]
+struct NoHangup;
+
+#[cfg(not(unix))]
+impl Hangup for NoHangup {
+    async fn recv(&mut self) -> bool {
+        false
+    }
+}
+
+#[cfg(not(unix))]
+fn reload_signal() -> std::io::Result<NoHangup> {
+    Ok(NoHangup)
 }

@@ -38,9 +38,10 @@ pub struct Router {
 
 impl Router {
     pub fn new(gateway: Arc<Gateway>) -> Self {
-        let token = AdminToken::new(&gateway.config().gateway.admin_token);
         let api = tower::ServiceBuilder::new()
-            .layer(ValidateRequestHeaderLayer::custom(token))
+            .layer(ValidateRequestHeaderLayer::custom(
+                gateway.admin_token().clone(),
+            ))
             .service(Api {
                 gateway: gateway.clone(),
             });

@@ -14,8 +14,9 @@
 //!    allocations on every request, for a copy nothing here reads.)
 //! 3. the access log writes one line per `/call` request while it is on
 //!    ([`AccessLogLayer`]), after the request id, which it logs;
-//! 4. the request body must make progress every `body_idle_timeout`
-//!    ([`BodyIdleTimeoutLayer`]; a stall is the client's fault, 408);
+//! 4. the request body must make progress every `body_idle_timeout`, as
+//!    configured when the request arrives ([`BodyIdleTimeoutLayer`]; a
+//!    stall is the client's fault, 408);
 //! 5. the [`Router`]: the proxy, or the registry API behind the admin
 //!    token.
 //!
@@ -34,7 +35,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, header};
 use http_body::Body as _;
@@ -53,7 +53,6 @@ pub type Stack = SetSensitiveRequestHeaders<RequestId<AccessLog<BodyIdleTimeout<
 
 /// Builds the stack over `gateway`.
 pub fn stack(gateway: Arc<Gateway>) -> Stack {
-    let idle = gateway.config().limits.body_idle_timeout;
     let access = gateway.access_switch().clone();
     tower::ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([
@@ -61,7 +60,7 @@ pub fn stack(gateway: Arc<Gateway>) -> Stack {
         ]))
         .layer(RequestIdLayer)
         .layer(AccessLogLayer::new(access))
-        .layer(BodyIdleTimeoutLayer { idle })
+        .layer(BodyIdleTimeoutLayer::new(gateway.clone()))
         .service(Router::new(gateway))
 }
 
@@ -183,15 +182,16 @@ where
     }
 }
 
-/// Puts `body_idle_timeout` on every request body.
-#[derive(Debug, Clone, Copy)]
+/// Puts the gateway's `body_idle_timeout`, as configured when the request
+/// arrives, on every request body.
+#[derive(Clone)]
 pub struct BodyIdleTimeoutLayer {
-    idle: Duration,
+    gateway: Arc<Gateway>,
 }
 
 impl BodyIdleTimeoutLayer {
-    pub fn new(idle: Duration) -> Self {
-        Self { idle }
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
     }
 }
 
@@ -201,17 +201,17 @@ impl<S> Layer<S> for BodyIdleTimeoutLayer {
     fn layer(&self, inner: S) -> BodyIdleTimeout<S> {
         BodyIdleTimeout {
             inner,
-            idle: self.idle,
+            gateway: self.gateway.clone(),
         }
     }
 }
 
-/// A request body that makes no progress for `idle` while it is awaited
-/// fails with [`crate::body::BodyStalled`].
-#[derive(Debug, Clone)]
+/// A request body that makes no progress for `body_idle_timeout` while it
+/// is awaited fails with [`crate::body::BodyStalled`].
+#[derive(Clone)]
 pub struct BodyIdleTimeout<S> {
     inner: S,
-    idle: Duration,
+    gateway: Arc<Gateway>,
 }
 
 impl<S> BodyIdleTimeout<S> {
@@ -237,7 +237,7 @@ where
         if request.body().is_end_stream() {
             return self.inner.call(request);
         }
-        let idle = self.idle;
+        let idle = self.gateway.config().limits.body_idle_timeout;
         self.inner
             .call(request.map(|b| body::boxed(IdleTimeout::new(b, idle))))
     }

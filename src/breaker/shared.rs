@@ -36,6 +36,12 @@ impl Breaker {
         }
     }
 
+    /// Takes the thresholds of a reloaded configuration, keeping the
+    /// circuit's state ([`BreakerMachine::set_policy`]).
+    pub fn set_policy(&self, config: &CircuitBreakerConfig) {
+        self.lock().set_policy(config);
+    }
+
     /// The state and consecutive failure count, for the API.
     pub fn snapshot(&self) -> (CircuitState, u32) {
         let machine = self.lock();

@@ -15,6 +15,10 @@
 //! and the last failure's kind ([`FailureCause`], a small `Copy` value, so
 //! recording it costs the request path no allocation). The sentence itself
 //! is only built when a view is rendered ([`Blocked::describe`]).
+//!
+//! A reload changes the thresholds in place ([`BreakerMachine::set_policy`])
+//! and nothing else: the state, the failure count and the generation stay,
+//! so a reload neither closes an open circuit nor forgets failures.
 
 use std::fmt;
 use std::io;
@@ -194,15 +198,27 @@ pub struct BreakerMachine {
 
 impl BreakerMachine {
     pub fn new(config: &CircuitBreakerConfig) -> Self {
-        Self {
-            failure_threshold: config.failure_threshold.max(1),
-            reset_timeout: config.reset_timeout,
-            half_open_max_requests: config.half_open_max_requests.max(1),
+        let mut machine = Self {
+            failure_threshold: 1,
+            reset_timeout: Duration::ZERO,
+            half_open_max_requests: 1,
             phase: Phase::Closed,
             generation: 0,
             consecutive_failures: 0,
             last_failure: None,
-        }
+        };
+        machine.set_policy(config);
+        machine
+    }
+
+    /// Takes new thresholds, keeping the state: the next failure is judged
+    /// against the new `failure_threshold`, the next opening lasts the new
+    /// `reset_timeout` (an open period already running keeps its end), and
+    /// half-open admits up to the new `half_open_max_requests`.
+    pub fn set_policy(&mut self, config: &CircuitBreakerConfig) {
+        self.failure_threshold = config.failure_threshold.max(1);
+        self.reset_timeout = config.reset_timeout;
+        self.half_open_max_requests = config.half_open_max_requests.max(1);
     }
 
     /// The state at `now`: an open circuit whose timeout has run out reads as
@@ -651,5 +667,36 @@ mod tests {
         for (cause, words) in table {
             assert_eq!(cause.to_string(), words);
         }
+    }
+
+    #[test]
+    fn new_thresholds_apply_to_the_next_failure_and_keep_the_state() {
+        let t0 = Instant::now();
+        let mut m = machine(5, 30, 1);
+        fail(&mut m, t0);
+        fail(&mut m, t0);
+        m.set_policy(&CircuitBreakerConfig {
+            failure_threshold: 3,
+            reset_timeout: Duration::from_secs(2),
+            half_open_max_requests: 2,
+        });
+        assert_eq!(m.consecutive_failures(), 2, "the count stays");
+        assert_eq!(m.state(t0), CircuitState::Closed);
+        assert!(fail(&mut m, t0).is_some(), "the third failure opens it now");
+        assert_eq!(m.retry_after(t0), Some(Duration::from_secs(2)));
+        m.set_policy(&CircuitBreakerConfig {
+            failure_threshold: 3,
+            reset_timeout: Duration::from_secs(60),
+            half_open_max_requests: 2,
+        });
+        assert_eq!(
+            m.retry_after(t0),
+            Some(Duration::from_secs(2)),
+            "an open period already running keeps its end"
+        );
+        let t2 = t0 + Duration::from_secs(2);
+        admit(&mut m, t2);
+        admit(&mut m, t2);
+        assert!(!m.would_admit(t2), "two probes at most");
     }
 }

@@ -26,6 +26,7 @@ pub mod path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
 use http_body_util::BodyExt;
 use rand::Rng;
@@ -113,16 +114,21 @@ impl Tally {
 }
 
 pub struct Proxy {
+    settings: ArcSwap<Settings>,
+    rng: RngSource,
+}
+
+/// What the proxy takes from the configuration, swapped whole by a reload;
+/// a request reads it once, when it starts.
+struct Settings {
     /// The gateway's name: its `Via` entry, and how it recognises a loop.
     name: String,
     via: HeaderValue,
     request_timeout: Duration,
-    rng: RngSource,
 }
 
-impl Proxy {
-    pub fn new(config: &Config, seed: Option<u64>) -> Self {
-        use rand::SeedableRng;
+impl Settings {
+    fn of(config: &Config) -> Self {
         let name = config.gateway.name.clone();
         // Names are validated to header-safe characters.
         let via = HeaderValue::try_from(format!("1.1 {name}"))
@@ -131,11 +137,28 @@ impl Proxy {
             name,
             via,
             request_timeout: config.proxy.request_timeout,
+        }
+    }
+}
+
+impl Proxy {
+    pub fn new(config: &Config, seed: Option<u64>) -> Self {
+        use rand::SeedableRng;
+        Self {
+            settings: ArcSwap::from_pointee(Settings::of(config)),
             rng: match seed {
                 Some(seed) => RngSource::Seeded(Mutex::new(SmallRng::seed_from_u64(seed))),
                 None => RngSource::Thread,
             },
         }
+    }
+
+    /// Takes the name and request timeout of a reloaded `config`, for the
+    /// requests that start from now on. A request already on its way keeps
+    /// what it started with; one looping back under the old name is caught
+    /// one round later, under the new.
+    pub fn reconfigure(&self, config: &Config) {
+        self.settings.store(Arc::new(Settings::of(config)));
     }
 
     /// Forwards one `/call/...` request of `gateway` from the client
@@ -157,6 +180,8 @@ impl Proxy {
     {
         let (proxy, registry) = (gateway.proxy(), gateway.registry());
         let mut tally = Tally::new(&gateway);
+        let settings = proxy.settings.load();
+        let request_timeout = settings.request_timeout;
         let (parts, body) = request.into_parts();
         let http::request::Parts {
             method,
@@ -165,10 +190,11 @@ impl Proxy {
             version,
             ..
         } = parts;
-        let (target, service) = match proxy.admit(version, &uri, &request_headers, registry) {
-            Ok(admitted) => admitted,
-            Err(refused) => return tally.answer(Err(refused)),
-        };
+        let (target, service) =
+            match Proxy::admit(&settings.name, version, &uri, &request_headers, registry) {
+                Ok(admitted) => admitted,
+                Err(refused) => return tally.answer(Err(refused)),
+            };
         service.budget().deposit();
         let policy = &service.policy().retry;
 
@@ -180,15 +206,15 @@ impl Proxy {
         let declared = http_body::Body::size_hint(&body).exact();
         let declare_empty = request_headers.contains_key(header::CONTENT_LENGTH);
         let fields =
-            headers::forward_fields(&request_headers, &peer, client_host.as_ref(), &proxy.via);
-        drop(client_host);
+            headers::forward_fields(&request_headers, &peer, client_host.as_ref(), &settings.via);
+        drop((client_host, settings));
         let body = match RequestBody::read(body, declared, policy.max_replay_body_bytes).await {
             Ok(body) => body,
             Err(e) => return tally.answer(Err(ClientFault::of(&*e).into_error())),
         };
 
-        let deadline = Instant::now() + proxy.request_timeout;
-        let per_try = policy.effective_per_try_timeout(proxy.request_timeout);
+        let deadline = Instant::now() + request_timeout;
+        let per_try = policy.effective_per_try_timeout(request_timeout);
         let mut tried: Vec<Arc<Instance>> = Vec::new();
         let mut refused: Vec<Arc<Instance>> = Vec::new();
         // Boxed: rare, and it would otherwise make every request's future
@@ -210,7 +236,7 @@ impl Proxy {
             let attempt_deadline = match upload {
                 None => Deadline::At((now + per_try).min(deadline)),
                 Some(upload) => Deadline::AfterUpload {
-                    timeout: proxy.request_timeout,
+                    timeout: request_timeout,
                     upload,
                 },
             };
@@ -293,7 +319,7 @@ impl Proxy {
                 let (response, instance) = *last;
                 Ok(finish(response, &instance))
             }
-            None => Err(rescue(last_failure, &service, proxy.request_timeout)),
+            None => Err(rescue(last_failure, &service, request_timeout)),
         })
     }
 
@@ -302,13 +328,13 @@ impl Proxy {
     /// request that already passed through this gateway, a path that is
     /// not a call, or an unknown service.
     fn admit<'u>(
-        &self,
+        name: &str,
         version: Version,
         uri: &'u Uri,
         headers: &HeaderMap,
         registry: &Registry,
     ) -> Result<(CallTarget<'u>, Arc<ServiceEntry>), GatewayError> {
-        self.check(version, uri, headers)?;
+        Self::check(version, uri, headers, name)?;
         let target = CallTarget::parse(uri)?;
         let service = registry
             .get(target.service)
@@ -316,7 +342,12 @@ impl Proxy {
         Ok((target, service))
     }
 
-    fn check(&self, version: Version, uri: &Uri, headers: &HeaderMap) -> Result<(), GatewayError> {
+    fn check(
+        version: Version,
+        uri: &Uri,
+        headers: &HeaderMap,
+        name: &str,
+    ) -> Result<(), GatewayError> {
         if version < Version::HTTP_2 && uri.scheme().is_some() {
             // An absolute-form target asks for a forward proxy, which this is not.
             return Err(GatewayError::new(
@@ -324,10 +355,10 @@ impl Proxy {
                 "absolute-form request targets are not accepted; send /call/<service>/<path>",
             ));
         }
-        if headers::passed_through(headers, &self.name) {
+        if headers::passed_through(headers, name) {
             return Err(GatewayError::new(
                 ErrorCode::LoopDetected,
-                format!("the request already passed through gateway {:?}", self.name),
+                format!("the request already passed through gateway {name:?}"),
             ));
         }
         Ok(())

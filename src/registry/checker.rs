@@ -14,6 +14,12 @@
 //! the status when an HTTP answer came or else a short error (`connection
 //! refused`, `timeout`...), and how long it took; that is what an unhealthy
 //! instance's reason in the API is made of.
+//!
+//! The task reads its service's policy ([`LivePolicy`]) at every check, so
+//! a reload's path, timeout and thresholds apply from the next one. A
+//! reload also wakes every task: a shorter interval cuts the wait already
+//! running, and an interval of zero pauses the checks until a reload sets
+//! one again.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -23,13 +29,15 @@ use std::time::{Duration, SystemTime};
 use http::Method;
 use http_body_util::{BodyExt, Limited};
 use rand::RngExt;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::LivePolicy;
 use super::health::{CheckResult, LastCheck};
 use super::instance::Instance;
 use crate::body;
-use crate::config::{HealthCheckConfig, ServicePolicy};
+use crate::config::HealthCheckConfig;
 use crate::upstream::{Outbound, UpstreamError};
 
 /// Checks on the wire at once, gateway-wide.
@@ -49,6 +57,8 @@ pub struct HealthChecker {
     /// to remove ([`HealthChecker::take_removals`]).
     removals: mpsc::UnboundedSender<Removal>,
     removals_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<Removal>>>>,
+    /// Changed by every reload, for the tasks to look at their policy again.
+    reloads: Arc<watch::Sender<()>>,
 }
 
 impl HealthChecker {
@@ -60,6 +70,7 @@ impl HealthChecker {
             shutdown,
             removals,
             removals_rx: Arc::new(Mutex::new(Some(rx))),
+            reloads: Arc::new(watch::channel(()).0),
         }
     }
 
@@ -78,21 +89,31 @@ impl HealthChecker {
     }
 
     /// Starts checking `instance` periodically, first now, until its stop
-    /// token is cancelled. Does nothing when checks are disabled.
-    /// The task shares its service's policy rather than copying it: a large
-    /// registry has one task per instance.
-    pub fn watch(&self, instance: Arc<Instance>, policy: Arc<ServicePolicy>) {
-        let interval = policy.health_check.interval;
-        if interval.is_zero() {
+    /// token is cancelled. Does nothing when checks are disabled or already
+    /// running. The task shares its service's policy rather than copying
+    /// it: a large registry has one task per instance.
+    pub fn watch(&self, instance: Arc<Instance>, policy: Arc<LivePolicy>) {
+        if policy.load().health_check.interval.is_zero() || !instance.start_checks() {
             return;
         }
         let checker = self.clone();
         let stop = instance.stop_token().clone();
+        let reloads = self.reloads.subscribe();
         tokio::spawn(async move {
-            let config = &policy.health_check;
-            stop.run_until_cancelled(every(interval, || checker.check(&instance, config)))
+            let interval = || policy.load().health_check.interval;
+            let check = || {
+                let policy = policy.load_full();
+                let (checker, instance) = (&checker, &instance);
+                async move { checker.check(instance, &policy.health_check).await }
+            };
+            stop.run_until_cancelled(every(interval, reloads, check))
                 .await;
         });
+    }
+
+    /// Tells every checker task that the policies may have changed.
+    pub fn reconfigured(&self) {
+        self.reloads.send_replace(());
     }
 
     /// Runs one check of `instance` now, records it, and says whether it passed.
@@ -144,17 +165,52 @@ impl HealthChecker {
     }
 }
 
-/// Calls `check` now and then again every `interval` ±10%, forever.
-async fn every<F, Fut>(interval: Duration, mut check: F)
+/// Calls `check` now and then again every `interval()` ±10%, forever.
+/// Each change of `reloads` reads `interval()` again: a shorter one cuts
+/// the wait running, zero pauses the checks, and a paused loop given an
+/// interval checks at once.
+async fn every<I, F, Fut>(interval: I, mut reloads: watch::Receiver<()>, mut check: F)
 where
+    I: Fn() -> Duration,
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     loop {
-        check().await;
-        let jitter = rand::rng().random_range(0.9..=1.1);
-        tokio::time::sleep(interval.mul_f64(jitter)).await;
+        if !interval().is_zero() {
+            check().await;
+        }
+        let mut next = after(interval());
+        loop {
+            let sleep = tokio::time::sleep_until(next.unwrap_or_else(Instant::now));
+            tokio::select! {
+                () = sleep, if next.is_some() => break,
+                changed = reloads.changed() => {
+                    if changed.is_err() {
+                        // The checker is gone, and its reloads with it.
+                        return;
+                    }
+                    let Some(sooner) = after(interval()) else {
+                        next = None;
+                        continue;
+                    };
+                    match next {
+                        Some(at) => next = Some(at.min(sooner)),
+                        None => break,
+                    }
+                }
+            }
+        }
     }
+}
+
+/// When the next check is due, `interval` ±10% from now; none when checks
+/// are off.
+fn after(interval: Duration) -> Option<Instant> {
+    if interval.is_zero() {
+        return None;
+    }
+    let jitter = rand::rng().random_range(0.9..=1.1);
+    Some(Instant::now() + interval.mul_f64(jitter))
 }
 
 /// One `GET`, bounded by `timeout` from connect to the end of the body:
@@ -225,17 +281,21 @@ fn describe(error: &UpstreamError) -> Cow<'static, str> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
-    use tokio::time::Instant;
 
     #[tokio::test(start_paused = true)]
     async fn checks_first_at_once_then_every_interval_with_jitter() {
         let start = Instant::now();
         let times = std::sync::Mutex::new(Vec::new());
         let stop = CancellationToken::new();
-        let run = stop.run_until_cancelled(every(Duration::from_secs(10), || {
-            times.lock().unwrap().push(start.elapsed());
-            async { true }
-        }));
+        let (_reloads, rx) = watch::channel(());
+        let run = stop.run_until_cancelled(every(
+            || Duration::from_secs(10),
+            rx,
+            || {
+                times.lock().unwrap().push(start.elapsed());
+                async { true }
+            },
+        ));
         // Ends by deadline: the loop itself never returns.
         let _ = tokio::time::timeout(Duration::from_secs(100), run).await;
         let times = times.into_inner().unwrap();
@@ -254,10 +314,15 @@ mod tests {
     async fn cancelled_token_stops_the_loop() {
         let calls = AtomicU32::new(0);
         let stop = CancellationToken::new();
-        let run = stop.run_until_cancelled(every(Duration::from_secs(1), || {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { true }
-        }));
+        let (_reloads, rx) = watch::channel(());
+        let run = stop.run_until_cancelled(every(
+            || Duration::from_secs(1),
+            rx,
+            || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { true }
+            },
+        ));
         let canceller = async {
             tokio::time::sleep(Duration::from_millis(2500)).await;
             stop.cancel();
@@ -266,5 +331,54 @@ mod tests {
         assert_eq!(result, None, "the loop ended by cancellation");
         let seen = calls.load(Ordering::SeqCst);
         assert!((2..=4).contains(&seen), "{seen}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_cuts_the_wait_pauses_and_resumes_the_checks() {
+        let start = Instant::now();
+        let secs = Duration::from_secs;
+        let interval = std::sync::Mutex::new(secs(3600));
+        let times = std::sync::Mutex::new(Vec::new());
+        let (reloads, rx) = watch::channel(());
+        let run = every(
+            || *interval.lock().unwrap(),
+            rx,
+            || {
+                times.lock().unwrap().push(start.elapsed());
+                async { true }
+            },
+        );
+        let reload = |to: Duration| {
+            *interval.lock().unwrap() = to;
+            reloads.send_replace(());
+        };
+        let script = async {
+            tokio::time::sleep(secs(10)).await;
+            reload(secs(5));
+            tokio::time::sleep(secs(20)).await;
+            reload(Duration::ZERO);
+            tokio::time::sleep(secs(100)).await;
+            reload(secs(5));
+            tokio::time::sleep(secs(1)).await;
+        };
+        tokio::select! {
+            () = run => panic!("the loop never ends by itself"),
+            () = script => {}
+        }
+        let times = times.into_inner().unwrap();
+        assert_eq!(times[0], Duration::ZERO);
+        assert!(
+            (secs(14)..=secs(16)).contains(&times[1]),
+            "the hour's wait was cut to 5 s ±10% from the reload: {times:?}"
+        );
+        assert!(
+            !times.iter().any(|t| (secs(31)..secs(130)).contains(t)),
+            "paused: {times:?}"
+        );
+        assert_eq!(
+            times.last(),
+            Some(&secs(130)),
+            "resumed with a check at once: {times:?}"
+        );
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
@@ -118,6 +118,8 @@ pub struct Instance {
     /// Cancelled when the instance is removed or the gateway stops: ends its
     /// health checker.
     stop: CancellationToken,
+    /// Whether its health checker has been started.
+    checked: Arc<AtomicBool>,
 }
 
 impl Instance {
@@ -155,6 +157,7 @@ impl Instance {
             breaker,
             stack,
             stop,
+            checked: Arc::default(),
         }
     }
 
@@ -179,6 +182,7 @@ impl Instance {
             breaker: self.breaker.clone(),
             stack: self.stack.clone(),
             stop: self.stop.clone(),
+            checked: self.checked.clone(),
         }
     }
 
@@ -290,6 +294,11 @@ impl Instance {
 
     pub(super) fn stop_token(&self) -> &CancellationToken {
         &self.stop
+    }
+
+    /// Marks its health checker started; false if it already was.
+    pub(super) fn start_checks(&self) -> bool {
+        !self.checked.swap(true, Ordering::AcqRel)
     }
 }
 

@@ -12,11 +12,18 @@
 //! atomics and small mutexes of its own and is shared by every snapshot.
 //! Instances registered with a TTL expire through one timer wheel
 //! ([`expiry`]).
+//!
+//! A reload reaches the registry through the same writer
+//! ([`reconfigure`]): every service gets a new snapshot with its new
+//! policy, and the cell its instances' health checks read the policy from
+//! is updated in place, as are the limits, the upstream networks and the
+//! connection settings every pool reads.
 
 mod checker;
 mod expiry;
 mod health;
 mod instance;
+mod reconfigure;
 pub mod store;
 pub mod validate;
 mod writer;
@@ -26,30 +33,42 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use crate::breaker::Breaker;
 use crate::config::{Config, ServicePolicy};
 use crate::error::{ErrorCode, GatewayError};
 use crate::retry::RetryBudget;
-use crate::upstream::{Pool, PoolSettings};
+use crate::upstream::policy::UpstreamPolicy;
+use crate::upstream::{Pool, PoolSettings, SharedPoolSettings};
 pub use checker::{HealthChecker, MAX_CONCURRENT_CHECKS};
 use expiry::Expiry;
 pub use health::{
     CheckResult, Flip, Health, HealthSnapshot, HealthStatus, HealthTracker, LastCheck,
 };
 pub use instance::{Instance, InstanceStack, InstanceState};
+pub use reconfigure::Reconfiguration;
 use store::{Change, Followed, Record, RegistryStore, StoreError};
 use validate::InstanceUrl;
 use writer::{Apply, Batch, Plan, Writer};
 pub use writer::{Write, Written};
 
+/// A service's policy as the configuration in force has it, for its
+/// instances' health checks, which outlive any snapshot of the service:
+/// one cell per service, replaced in place by a reload.
+pub type LivePolicy = ArcSwap<ServicePolicy>;
+
 /// One service as the proxy and the API see it at one moment.
 #[derive(Debug)]
 pub struct ServiceEntry {
     name: Arc<str>,
+    /// The policy as of this snapshot: a request keeps the one it started
+    /// with, whatever a reload does meanwhile.
     policy: Arc<ServicePolicy>,
-    /// Shared by every snapshot of the service, like the policy.
+    /// The same policy for the health checks; shared by every snapshot.
+    live_policy: Arc<LivePolicy>,
+    /// Shared by every snapshot of the service, like the live policy.
     budget: Arc<RetryBudget>,
     instances: Vec<Arc<Instance>>,
 }
@@ -93,8 +112,22 @@ impl ServiceEntry {
         Self {
             name: self.name.clone(),
             policy: self.policy.clone(),
+            live_policy: self.live_policy.clone(),
             budget: self.budget.clone(),
             instances,
+        }
+    }
+
+    /// This snapshot under `policy`, which becomes the one its health
+    /// checks read as well.
+    fn reconfigured(&self, policy: Arc<ServicePolicy>) -> Self {
+        self.live_policy.store(policy.clone());
+        Self {
+            name: self.name.clone(),
+            policy,
+            live_policy: self.live_policy.clone(),
+            budget: self.budget.clone(),
+            instances: self.instances.clone(),
         }
     }
 }
@@ -124,10 +157,10 @@ pub enum Registered {
 pub struct Registry {
     services: papaya::HashMap<Arc<str>, Arc<ServiceEntry>, foldhash::fast::RandomState>,
     instance_count: AtomicUsize,
-    config: Arc<Config>,
+    config: ArcSwap<Config>,
     /// The policy of every service without overrides, shared.
-    default_policy: Arc<ServicePolicy>,
-    pool_settings: Arc<PoolSettings>,
+    default_policy: ArcSwap<ServicePolicy>,
+    pool_settings: SharedPoolSettings,
     checker: HealthChecker,
     store: Box<dyn RegistryStore>,
     writer: Writer,
@@ -152,9 +185,12 @@ impl Registry {
         Self {
             services: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
             instance_count: AtomicUsize::new(0),
-            pool_settings: Arc::new(PoolSettings::new(&config, config.gateway.listen)),
-            default_policy: Arc::new(config.policy_for("")),
-            config,
+            pool_settings: Arc::new(ArcSwap::from_pointee(PoolSettings::new(
+                &config,
+                config.gateway.listen,
+            ))),
+            default_policy: ArcSwap::from_pointee(config.policy_for("")),
+            config: ArcSwap::new(config),
             checker,
             store,
             writer: Writer::default(),
@@ -174,10 +210,11 @@ impl Registry {
             .iter()
             .map(|r| (r.service.clone(), r.id.clone()))
             .collect();
-        if loaded > self.config.limits.max_instances as usize {
+        let config = self.config.load_full();
+        if loaded > config.limits.max_instances as usize {
             tracing::warn!(
                 loaded,
-                max_instances = self.config.limits.max_instances,
+                max_instances = config.limits.max_instances,
                 "the store holds more instances than limits.max_instances: all are loaded"
             );
         }
@@ -199,25 +236,18 @@ impl Registry {
         if loaded > 0 {
             tracing::info!(instances = loaded, store = %self.store.describe(), "registry loaded");
         }
-        for service in &self.config.services {
-            for url in &service.urls {
-                let registration = Registration {
-                    name: service.name.clone(),
-                    url: url.clone(),
-                    ..Registration::default()
-                };
-                let record = self
-                    .record_of(&registration)
-                    .map_err(|e| StoreError(e.to_string()))?;
-                if stored.contains(&(record.service.clone(), record.id.clone())) {
-                    // The store's registration of this id wins.
-                    continue;
-                }
-                self.apply(Apply::Put {
-                    record,
-                    created: true,
-                });
+        for registration in static_registrations(&config) {
+            let record = self
+                .record_of(&registration)
+                .map_err(|e| StoreError(e.to_string()))?;
+            if stored.contains(&(record.service.clone(), record.id.clone())) {
+                // The store's registration of this id wins.
+                continue;
             }
+            self.apply(Apply::Put {
+                record,
+                created: true,
+            });
         }
         let wheel = self
             .wheel
@@ -272,8 +302,9 @@ impl Registry {
         Ok(loaded)
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
     }
 
     pub fn checker(&self) -> &HealthChecker {
@@ -340,20 +371,10 @@ impl Registry {
 
     /// The `(service, id)` of every static `[[services]]` instance.
     fn static_keys(&self) -> Vec<(String, String)> {
-        let mut keys = Vec::new();
-        for service in &self.config.services {
-            for url in &service.urls {
-                let registration = Registration {
-                    name: service.name.clone(),
-                    url: url.clone(),
-                    ..Registration::default()
-                };
-                if let Ok(record) = self.record_of(&registration) {
-                    keys.push((record.service, record.id));
-                }
-            }
-        }
-        keys
+        static_registrations(&self.config.load())
+            .filter_map(|registration| self.record_of(&registration).ok())
+            .map(|record| (record.service, record.id))
+            .collect()
     }
 
     /// Why the registry's store cannot be reached now, if it cannot.
@@ -429,6 +450,15 @@ impl Registry {
                 }
             }
             Write::Remote(change) => self.plan_remote(change, batch),
+            Write::Reconfigure(reconfiguration) => {
+                if !batch.claim_all() {
+                    return Plan::Later;
+                }
+                Plan::Do {
+                    changes: Vec::new(),
+                    apply: Apply::Reconfigure(reconfiguration.clone()),
+                }
+            }
             Write::RemoveInstance { service, id } => {
                 let instance = match self.existing(service, id) {
                     Ok(instance) => instance,
@@ -586,39 +616,10 @@ impl Registry {
         }
     }
 
-    /// The record a valid registration makes; bad input is refused here,
-    /// before anything changes.
+    /// The record a valid registration makes under the upstream networks
+    /// in force; bad input is refused here, before anything changes.
     fn record_of(&self, registration: &Registration) -> Result<Record, GatewayError> {
-        let Registration {
-            name,
-            url,
-            id,
-            metadata,
-            ttl,
-        } = registration;
-        validate::service_name(name).map_err(|m| GatewayError::new(ErrorCode::InvalidName, m))?;
-        let url =
-            InstanceUrl::parse(url).map_err(|m| GatewayError::new(ErrorCode::InvalidUrl, m))?;
-        let id = id.clone().unwrap_or_else(|| url.host_port().to_string());
-        validate::instance_id(&id).map_err(|m| GatewayError::new(ErrorCode::InvalidName, m))?;
-        self.pool_settings
-            .policy
-            .check_host(url.host(), url.port())
-            .map_err(|why| {
-                GatewayError::new(
-                    ErrorCode::UpstreamForbidden,
-                    format!("{} is outside the upstream policy: {why}", url.as_str()),
-                )
-            })?;
-        Ok(Record {
-            service: name.clone(),
-            id,
-            url: url.as_str().to_string(),
-            metadata: metadata.clone(),
-            registered_at_ms: unix_ms(std::time::SystemTime::now()),
-            ttl_ms: ttl.map(|t| t.as_millis() as u64),
-            draining: false,
-        })
+        record_of(registration, &self.pool_settings.load().policy)
     }
 
     /// The instance, or the API's error for a missing service or instance.
@@ -653,6 +654,10 @@ impl Registry {
                     }
                 }
                 Written::Removed
+            }
+            Apply::Reconfigure(reconfiguration) => {
+                self.apply_reconfiguration(&reconfiguration);
+                Written::Reconfigured
             }
         }
     }
@@ -693,20 +698,22 @@ impl Registry {
             );
             self.arm_ttl(&instance);
             if url_changed {
-                self.checker.watch(instance.clone(), service.policy.clone());
+                self.checker
+                    .watch(instance.clone(), service.live_policy.clone());
             }
             return Registered::Existing(instance);
         }
 
         let service = current.unwrap_or_else(|| {
             let name: Arc<str> = record.service.as_str().into();
-            let policy = match self.config.override_for(&name) {
+            let policy = match self.config.load().override_for(&name) {
                 Some(policy) => Arc::new(policy),
-                None => self.default_policy.clone(),
+                None => self.default_policy.load_full(),
             };
             let budget =
                 RetryBudget::new(policy.retry.budget_ratio, policy.retry.budget_min_per_sec);
             Arc::new(ServiceEntry {
+                live_policy: Arc::new(ArcSwap::new(policy.clone())),
                 policy,
                 budget: Arc::new(budget),
                 name,
@@ -727,7 +734,8 @@ impl Registry {
             tracing::info!(service = %record.service, instance = instance.id(), url = instance.url().as_str(), "instance registered");
         }
         self.arm_ttl(&instance);
-        self.checker.watch(instance.clone(), service.policy.clone());
+        self.checker
+            .watch(instance.clone(), service.live_policy.clone());
         Registered::Created(instance)
     }
 
@@ -798,7 +806,7 @@ impl Registry {
             service.name.clone(),
             id.clone(),
         );
-        let pools = (0..self.pool_settings.workers.max(1))
+        let pools = (0..self.pool_settings.load().workers.max(1))
             .map(|_| {
                 Arc::new(Pool::new(
                     url.host(),
@@ -829,7 +837,8 @@ impl Registry {
         service: Option<&ServiceEntry>,
         batch: &Batch,
     ) -> Result<(), GatewayError> {
-        let limits = &self.config.limits;
+        let config = self.config.load();
+        let limits = &config.limits;
         if self.instance_count() + batch.created >= limits.max_instances as usize {
             return Err(GatewayError::new(
                 ErrorCode::LimitExceeded,
@@ -867,6 +876,48 @@ impl Record {
             draining: instance.is_draining(),
         }
     }
+}
+
+/// The record a valid registration makes under the upstream networks of
+/// `policy`; bad input is refused here, before anything changes.
+fn record_of(registration: &Registration, policy: &UpstreamPolicy) -> Result<Record, GatewayError> {
+    let Registration {
+        name,
+        url,
+        id,
+        metadata,
+        ttl,
+    } = registration;
+    validate::service_name(name).map_err(|m| GatewayError::new(ErrorCode::InvalidName, m))?;
+    let url = InstanceUrl::parse(url).map_err(|m| GatewayError::new(ErrorCode::InvalidUrl, m))?;
+    let id = id.clone().unwrap_or_else(|| url.host_port().to_string());
+    validate::instance_id(&id).map_err(|m| GatewayError::new(ErrorCode::InvalidName, m))?;
+    policy.check_host(url.host(), url.port()).map_err(|why| {
+        GatewayError::new(
+            ErrorCode::UpstreamForbidden,
+            format!("{} is outside the upstream policy: {why}", url.as_str()),
+        )
+    })?;
+    Ok(Record {
+        service: name.clone(),
+        id,
+        url: url.as_str().to_string(),
+        metadata: metadata.clone(),
+        registered_at_ms: unix_ms(std::time::SystemTime::now()),
+        ttl_ms: ttl.map(|t| t.as_millis() as u64),
+        draining: false,
+    })
+}
+
+/// A registration of each URL of each static `[[services]]` entry.
+fn static_registrations(config: &Config) -> impl Iterator<Item = Registration> + '_ {
+    config.services.iter().flat_map(|service| {
+        service.urls.iter().map(|url| Registration {
+            name: service.name.clone(),
+            url: url.clone(),
+            ..Registration::default()
+        })
+    })
 }
 
 /// The plan that removes `instance`.

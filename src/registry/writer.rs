@@ -23,7 +23,8 @@
 //! one of its instances) would have to see each other's effect before
 //! either is applied; rather than model that, the second one waits for
 //! the next batch. Bulk registration of distinct instances, the case group
-//! commit is for, never splits.
+//! commit is for, never splits. A reload touches every service, so it has
+//! a batch of its own.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
@@ -31,7 +32,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use tokio::sync::{mpsc, oneshot};
 
 use super::store::Change;
-use super::{Instance, Registered, Registration, Registry};
+use super::{Instance, Reconfiguration, Registered, Registration, Registry};
 use crate::error::{ErrorCode, GatewayError};
 
 /// A change to the registry.
@@ -70,6 +71,8 @@ pub enum Write {
     /// A change another gateway committed to the shared store: applied to
     /// memory only, in turn with this gateway's own writes.
     Remote(Change),
+    /// A reloaded configuration ([`Registry::reconfigure`]).
+    Reconfigure(Arc<Reconfiguration>),
 }
 
 /// What a write did.
@@ -79,6 +82,8 @@ pub enum Written {
     /// The instance as it now is (heartbeat, drain).
     Instance(Arc<Instance>),
     Removed,
+    /// The reloaded configuration is in force.
+    Reconfigured,
     /// Nothing was left to do (an expiry a heartbeat overtook).
     Nothing,
 }
@@ -122,6 +127,7 @@ pub(super) enum Apply {
         id: Arc<str>,
     },
     RemoveService(Arc<str>),
+    Reconfigure(Arc<Reconfiguration>),
 }
 
 /// What the writes planned so far in a batch touch.
@@ -129,6 +135,8 @@ pub(super) enum Apply {
 pub(super) struct Batch {
     /// One write applied in place: nothing to claim, nothing to commit.
     in_place: bool,
+    /// A write that touches everything has claimed the batch.
+    all: bool,
     instances: HashSet<(String, String)>,
     services: HashSet<String>,
     /// Instances the batch creates, registry-wide and per service.
@@ -164,16 +172,30 @@ impl Batch {
 
     pub fn claim(&mut self, service: &str, id: &str) -> bool {
         self.in_place
-            || !self.services.contains(service)
+            || !self.all
+                && !self.services.contains(service)
                 && self.instances.insert((service.to_string(), id.to_string()))
     }
 
     /// Claims the whole service; false if this batch touched it already.
     pub fn claim_service(&mut self, service: &str) -> bool {
         self.in_place
-            || !self.services.contains(service)
+            || !self.all
+                && !self.services.contains(service)
                 && !self.instances.iter().any(|(s, _)| s == service)
                 && self.services.insert(service.to_string())
+    }
+
+    /// Claims every service and instance; false if this batch touched any.
+    pub fn claim_all(&mut self) -> bool {
+        if self.in_place {
+            return true;
+        }
+        if self.all || !self.instances.is_empty() || !self.services.is_empty() {
+            return false;
+        }
+        self.all = true;
+        true
     }
 }
 
@@ -306,5 +328,16 @@ mod tests {
             "an instance of a service removed in it"
         );
         assert!(!batch.claim_service("b"));
+        assert!(!batch.claim_all(), "a batch that touched something");
+    }
+
+    #[test]
+    fn a_batch_claimed_whole_takes_nothing_else() {
+        let mut batch = Batch::default();
+        assert!(batch.claim_all());
+        assert!(!batch.claim("a", "1"));
+        assert!(!batch.claim_service("a"));
+        assert!(!batch.claim_all());
+        assert!(Batch::in_place().claim_all());
     }
 }

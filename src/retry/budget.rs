@@ -13,6 +13,10 @@
 //! slot, each retry withdraws from it; the balance is the sum over the window
 //! plus the fixed reserve. Slots are atomics; only moving the window on to a
 //! new second takes a lock, and `try_lock`, so no request ever waits on it.
+//!
+//! A reload changes the ratio and the reserve in place ([`RetryBudget::set`]):
+//! what the window holds stays, so a reload neither hands out a fresh
+//! budget nor takes away what traffic has earned.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -29,8 +33,8 @@ const COST: i64 = 1000;
 
 #[derive(Debug)]
 pub struct RetryBudget {
-    deposit: i64,
-    reserve: i64,
+    deposit: AtomicI64,
+    reserve: AtomicI64,
     slots: [AtomicI64; SLOTS],
     /// Index of the current slot, as whole slots since `epoch`.
     current: AtomicU64,
@@ -41,8 +45,8 @@ pub struct RetryBudget {
 impl RetryBudget {
     pub fn new(ratio: f64, min_per_sec: u32) -> Self {
         Self {
-            deposit: (ratio * COST as f64).round() as i64,
-            reserve: i64::from(min_per_sec) * WINDOW.as_secs() as i64 * COST,
+            deposit: AtomicI64::new(deposit_of(ratio)),
+            reserve: AtomicI64::new(reserve_of(min_per_sec)),
             slots: Default::default(),
             current: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -50,17 +54,26 @@ impl RetryBudget {
         }
     }
 
+    /// From now on, each request deposits `ratio` of a retry and the
+    /// reserve is `min_per_sec` over the window; what the window holds stays.
+    pub fn set(&self, ratio: f64, min_per_sec: u32) {
+        self.deposit.store(deposit_of(ratio), Ordering::Relaxed);
+        self.reserve
+            .store(reserve_of(min_per_sec), Ordering::Relaxed);
+    }
+
     /// Records one request (not a retry) into the budget.
     pub fn deposit(&self) {
         let slot = self.slot();
-        self.slots[slot].fetch_add(self.deposit, Ordering::Relaxed);
+        let deposit = self.deposit.load(Ordering::Relaxed);
+        self.slots[slot].fetch_add(deposit, Ordering::Relaxed);
     }
 
     /// Takes one retry out of the budget; `false` when it is spent.
     pub fn withdraw(&self) -> bool {
         let slot = self.slot();
         let balance: i64 = self.slots.iter().map(|s| s.load(Ordering::Relaxed)).sum();
-        if balance + self.reserve < COST {
+        if balance + self.reserve.load(Ordering::Relaxed) < COST {
             return false;
         }
         self.slots[slot].fetch_sub(COST, Ordering::Relaxed);
@@ -71,7 +84,7 @@ impl RetryBudget {
     pub fn available(&self) -> i64 {
         self.slot();
         let balance: i64 = self.slots.iter().map(|s| s.load(Ordering::Relaxed)).sum();
-        (balance + self.reserve).max(0) / COST
+        (balance + self.reserve.load(Ordering::Relaxed)).max(0) / COST
     }
 
     /// The current slot's index in `slots`, after clearing the slots the
@@ -100,6 +113,14 @@ impl RetryBudget {
         }
         (current % SLOTS as u64) as usize
     }
+}
+
+fn deposit_of(ratio: f64) -> i64 {
+    (ratio * COST as f64).round() as i64
+}
+
+fn reserve_of(min_per_sec: u32) -> i64 {
+    i64::from(min_per_sec) * WINDOW.as_secs() as i64 * COST
 }
 
 #[cfg(test)]
@@ -169,5 +190,22 @@ mod tests {
         assert_eq!(budget.available(), 0);
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(budget.available(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_ratio_applies_to_later_deposits_and_keeps_the_window() {
+        let budget = RetryBudget::new(0.1, 0);
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        assert_eq!(budget.available(), 10);
+        budget.set(0.5, 0);
+        assert_eq!(budget.available(), 10, "what the window holds stays");
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        assert_eq!(budget.available(), 60);
+        budget.set(0.5, 2);
+        assert_eq!(budget.available(), 80, "the reserve is 2/s over 10 s");
     }
 }

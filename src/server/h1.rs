@@ -66,9 +66,7 @@ pub enum Ended {
 
 /// Serves HTTP/1 requests on `stream` until the connection ends.
 pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError> {
-    let limits = &client.gateway.config().limits;
-    let idle = client.gateway.config().proxy.idle_timeout;
-    let max_head = limits.max_header_bytes as usize;
+    let mut settings = Settings::of(client);
     let mut stack = client.stack.clone();
     let mut io = ClientIo {
         stream,
@@ -78,7 +76,7 @@ pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError
     // One timer and one shutdown waiter for the connection's life, not one
     // of each per request: the timer is set for the first head's deadline
     // and, when it fires before the current head's, moved on to it.
-    let mut deadline = Instant::now() + limits.header_read_timeout;
+    let mut deadline = Instant::now() + settings.header_read_timeout;
     let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
     let mut draining = std::pin::pin!(client.draining.cancelled());
     let mut first = true;
@@ -90,11 +88,11 @@ pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError
             // Not judged until it is clearly not the HTTP/2 preface.
             let maybe_preface = first && !io.buf.is_empty() && PREFACE.starts_with(&io.buf);
             if !maybe_preface {
-                match head::parse_request(&mut io.buf, max_head) {
+                match head::parse_request(&mut io.buf, settings.max_head) {
                     Ok(Some(head)) => break head,
                     Ok(None) => {}
                     Err(refusal) => {
-                        refuse(io, refusal, &mut out, idle).await;
+                        refuse(io, refusal, &mut out, settings.idle).await;
                         return Ok(Ended::Closed);
                     }
                 }
@@ -145,7 +143,7 @@ pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError
         };
         let keep_alive;
         (io.stream, keep_alive) =
-            write_response(io.stream, response, answering, &mut out, idle).await?;
+            write_response(io.stream, response, answering, &mut out, settings.idle).await?;
         if !keep_alive {
             // Unread bytes (a body, pipelined requests) would turn the close
             // into a reset that can destroy the answer in flight.
@@ -154,7 +152,27 @@ pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError
             }
             return Ok(Ended::Closed);
         }
-        deadline = Instant::now() + limits.header_read_timeout;
+        settings = Settings::of(client);
+        deadline = Instant::now() + settings.header_read_timeout;
+    }
+}
+
+/// The limits one request is read and answered under: the gateway's
+/// current ones when the connection starts waiting for its head.
+struct Settings {
+    max_head: usize,
+    header_read_timeout: Duration,
+    idle: Duration,
+}
+
+impl Settings {
+    fn of(client: &Client) -> Self {
+        let config = client.gateway.config();
+        Self {
+            max_head: config.limits.max_header_bytes as usize,
+            header_read_timeout: config.limits.header_read_timeout,
+            idle: config.proxy.idle_timeout,
+        }
     }
 }
 

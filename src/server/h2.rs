@@ -33,15 +33,15 @@ use crate::body::{self, Body, BoxError};
 /// Serves the HTTP/2 connection `stream`, whose first bytes, already read,
 /// are `read`.
 pub async fn serve(client: &Client, stream: TcpStream, read: BytesMut) -> Result<(), BoxError> {
-    let config = client.gateway.config();
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .max_header_list_size(config.limits.max_header_bytes);
-    let idle = config.proxy.idle_timeout;
+        .max_header_list_size(client.gateway.config().limits.max_header_bytes);
     let stack = client.stack.clone();
+    let gateway = client.gateway.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let mut stack = stack.clone();
+        let idle = gateway.config().proxy.idle_timeout;
         async move {
             let request = request.map(body::boxed);
             let response = match stack.call(request).await {

@@ -10,10 +10,18 @@
 //! handed, before anything is parsed, to hyper's HTTP/2 server ([`h2`]).
 //! Both call the same tower stack ([`crate::stack`]); no byte is ever
 //! judged by two parsers.
+//!
+//! Limits and timeouts are read from the gateway's configuration as each
+//! request begins, so a reload reaches open keep-alive connections from
+//! their next request on. HTTP/2's header list limit is announced in the
+//! connection's settings, so it changes for new connections only.
 
 mod h1;
 mod h2;
 mod incoming;
+mod limit;
+
+pub use limit::{ConnectionLimit, Slot};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -57,7 +65,6 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
     // This thread's writes go out together at the end of each turn.
     crate::write_batch::batch_writes();
-    let config = gateway.config();
     // Shared by every worker: the limit is the gateway's, not each worker's.
     let connections = gateway.connection_slots().clone();
     let stack = stack::stack(gateway.clone());
@@ -89,15 +96,12 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
         // ones behind it in the kernel's backlog). Accepting first matters
         // with several workers: a connection the kernel queued on one worker
         // must not wait for a slot another worker holds while idle in accept.
-        let permit = match connections.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
+        let slot = match connections.try_acquire() {
+            Some(slot) => slot,
+            None => {
                 tracing::debug!(%remote, "max_connections reached: connection waits for a slot");
                 tokio::select! {
-                    permit = connections.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break,
-                    },
+                    slot = connections.acquire() => slot,
                     () = &mut shutdown => break,
                 }
             }
@@ -110,7 +114,7 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
             draining: draining.clone(),
         };
         open.spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             if let Err(e) = client.serve(stream).await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
@@ -118,7 +122,7 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
     }
 
     drop(listener);
-    let grace = config.gateway.shutdown_grace;
+    let grace = gateway.config().gateway.shutdown_grace;
     tracing::info!(grace = %crate::config::fmt_duration(grace), "shutting down: finishing in-flight requests");
     gateway.stop_background();
     draining.cancel();

@@ -79,8 +79,9 @@ pub fn page(method: &Method) -> Result<Response<Body>, GatewayError> {
 pub fn snapshot(method: &Method, gateway: &Gateway) -> Result<Response<Body>, GatewayError> {
     read_only(method)?;
     let services = gateway.registry().services();
+    let config = gateway.config();
     let snapshot = Snapshot::of(
-        &gateway.config().gateway.name,
+        &config.gateway.name,
         &services,
         |name| gateway.metrics().recent(name),
         Instant::now(),

@@ -54,6 +54,9 @@ pub struct UpstreamConnection {
     io: TcpStream,
     /// Bytes read and not yet consumed.
     read: BytesMut,
+    /// The generation of the upstream policy its address was checked
+    /// against ([`super::policy::UpstreamPolicy::generation`]).
+    pub(super) policy_generation: u64,
 }
 
 /// Why a request failed on a connection.
@@ -83,10 +86,13 @@ impl From<io::Error> for BodyWriteError {
 }
 
 impl UpstreamConnection {
-    pub fn new(io: TcpStream) -> Self {
+    /// A connection to an address the upstream policy of generation
+    /// `policy_generation` allowed.
+    pub fn new(io: TcpStream, policy_generation: u64) -> Self {
         Self {
             io,
             read: BytesMut::new(),
+            policy_generation,
         }
     }
 

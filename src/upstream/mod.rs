@@ -31,7 +31,7 @@ use http::{HeaderValue, Method, Response};
 
 use crate::body::Body;
 pub use conn::UpstreamBody;
-pub use pool::{Pool, PoolSettings};
+pub use pool::{Pool, PoolSettings, SharedPoolSettings};
 pub use timeout::{AttemptTimeout, AttemptTimeoutLayer, Deadline, Deadlined, TimedOut};
 
 thread_local! {

@@ -77,6 +77,9 @@ pub const MACHINE_ADDRESSES_MAX_AGE: Duration = Duration::from_secs(1);
 pub struct UpstreamPolicy {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
+    /// Counts the reloads that changed `allow` or `deny`: a pooled
+    /// connection checked under an older generation is not reused.
+    generation: u64,
     /// The listen address, IPv4-mapped IPv6 written as IPv4.
     own: SocketAddr,
     /// The machine's addresses, for a wildcard listen address only. Shared
@@ -118,12 +121,33 @@ impl UpstreamPolicy {
         Self {
             allow: config.allow.clone(),
             deny: config.deny.clone(),
+            generation: 0,
             own,
             machine: own
                 .ip()
                 .is_unspecified()
                 .then(|| Arc::new(MachineAddresses::new(read))),
         }
+    }
+
+    /// The policy with the networks of a reloaded `config`, the same own
+    /// addresses; a new [`generation`](Self::generation) if the networks
+    /// changed.
+    pub fn with_networks(&self, config: &UpstreamsConfig) -> Self {
+        let changed = self.allow != config.allow || self.deny != config.deny;
+        Self {
+            allow: config.allow.clone(),
+            deny: config.deny.clone(),
+            generation: self.generation + u64::from(changed),
+            own: self.own,
+            machine: self.machine.clone(),
+        }
+    }
+
+    /// Which version of the networks this is: connections opened under
+    /// another were checked against other rules.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Whether the gateway may connect to `addr`.
@@ -373,6 +397,27 @@ mod tests {
                 assert_eq!(hostname, "0x", "{hostname} read as {ip}");
             }
         }
+    }
+
+    #[test]
+    fn new_networks_keep_the_own_address_and_count_a_generation() {
+        let p = policy(&[], &[], "127.0.0.1:8080");
+        assert!(p.check("10.0.0.1:80".parse().unwrap()).is_ok());
+        let unchanged = p.with_networks(&UpstreamsConfig {
+            allow: Vec::new(),
+            deny: Vec::new(),
+        });
+        assert_eq!(unchanged.generation(), p.generation());
+        let tightened = p.with_networks(&UpstreamsConfig {
+            allow: Vec::new(),
+            deny: vec!["10.0.0.0/8".parse().unwrap()],
+        });
+        assert_eq!(tightened.generation(), p.generation() + 1);
+        assert!(tightened.check("10.0.0.1:80".parse().unwrap()).is_err());
+        assert_eq!(
+            tightened.check("127.0.0.1:8080".parse().unwrap()),
+            Err(Refusal::OwnAddress)
+        );
     }
 
     #[test]

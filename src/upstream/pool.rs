@@ -11,10 +11,16 @@
 //! (its socket turned readable while idle), or when not a byte of the
 //! request could be written; the request then goes out on the next
 //! connection, so keep-alive expiry does not cost a request never sent.
+//!
+//! The settings are the gateway's current ones, read at each use: a reload
+//! swaps them for every pool at once ([`SharedPoolSettings`]). A connection
+//! opened under upstream networks a reload has since changed is not reused:
+//! its address was checked against rules no longer in force.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::Response;
 use tokio::time::Instant;
 
@@ -39,6 +45,9 @@ pub struct PoolSettings {
     pub policy: UpstreamPolicy,
 }
 
+/// The settings every pool reads, swapped whole by a reload.
+pub type SharedPoolSettings = Arc<ArcSwap<PoolSettings>>;
+
 impl PoolSettings {
     /// `listen` is the address the gateway really listens on.
     pub fn new(config: &Config, listen: std::net::SocketAddr) -> Self {
@@ -48,6 +57,19 @@ impl PoolSettings {
             idle_timeout: config.proxy.idle_timeout,
             workers: config.gateway.workers,
             policy: UpstreamPolicy::new(&config.upstreams, listen),
+        }
+    }
+
+    /// These settings as a reloaded `config` has them: its timeouts and
+    /// upstream networks. The worker count and the gateway's own address
+    /// stay: they change only with a restart.
+    pub fn reconfigured(&self, config: &Config) -> Self {
+        Self {
+            connect_timeout: config.proxy.connect_timeout,
+            pool_idle_timeout: config.proxy.pool_idle_timeout,
+            idle_timeout: config.proxy.idle_timeout,
+            workers: self.workers,
+            policy: self.policy.with_networks(&config.upstreams),
         }
     }
 }
@@ -60,7 +82,7 @@ struct Idle {
 pub struct Pool {
     host: String,
     port: u16,
-    settings: Arc<PoolSettings>,
+    settings: SharedPoolSettings,
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -75,7 +97,7 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub fn new(host: &str, port: u16, settings: Arc<PoolSettings>) -> Self {
+    pub fn new(host: &str, port: u16, settings: SharedPoolSettings) -> Self {
         Self {
             host: host.to_string(),
             port,
@@ -89,7 +111,7 @@ impl Pool {
         self: &Arc<Self>,
         mut request: Outbound,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let idle = self.settings.idle_timeout;
+        let idle = self.settings.load().idle_timeout;
         while let Some(conn) = self.checkout() {
             match conn.send(request, Some(self.clone()), idle).await {
                 Ok(response) => return Ok(response),
@@ -110,7 +132,8 @@ impl Pool {
         request: Outbound,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let conn = self.open().await?;
-        Ok(conn.send(request, None, self.settings.idle_timeout).await?)
+        let idle = self.settings.load().idle_timeout;
+        Ok(conn.send(request, None, idle).await?)
     }
 
     /// Idle connections now (for tests and diagnostics).
@@ -118,21 +141,22 @@ impl Pool {
         self.lock().len()
     }
 
-    /// Drops idle connections past the idle timeout or closed by the instance.
+    /// Drops idle connections past the idle timeout, closed by the
+    /// instance, or checked under upstream networks no longer in force.
     pub fn prune(&self) {
         let now = Instant::now();
-        let timeout = self.settings.pool_idle_timeout;
-        self.lock()
-            .retain_mut(|idle| now - idle.since < timeout && idle.conn.is_reusable());
+        let settings = self.settings.load();
+        self.lock().retain_mut(|idle| fit(idle, now, &settings));
     }
 
     /// The most recently used idle connection that is still fit for use.
     fn checkout(&self) -> Option<UpstreamConnection> {
         let now = Instant::now();
+        let settings = self.settings.load();
         let mut idle = self.lock();
-        while let Some(Idle { mut conn, since }) = idle.pop() {
-            if now - since < self.settings.pool_idle_timeout && conn.is_reusable() {
-                return Some(conn);
+        while let Some(mut candidate) = idle.pop() {
+            if fit(&mut candidate, now, &settings) {
+                return Some(candidate.conn);
             }
         }
         None
@@ -150,7 +174,7 @@ impl Pool {
     }
 
     async fn open(&self) -> Result<UpstreamConnection, UpstreamError> {
-        let settings = &self.settings;
+        let settings = self.settings.load_full();
         let stream = connect::connect(
             &self.host,
             self.port,
@@ -158,7 +182,10 @@ impl Pool {
             &settings.policy,
         )
         .await?;
-        Ok(UpstreamConnection::new(stream))
+        Ok(UpstreamConnection::new(
+            stream,
+            settings.policy.generation(),
+        ))
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
@@ -166,6 +193,13 @@ impl Pool {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Whether an idle connection may take a request under `settings`.
+fn fit(idle: &mut Idle, now: Instant, settings: &PoolSettings) -> bool {
+    now - idle.since < settings.pool_idle_timeout
+        && idle.conn.policy_generation == settings.policy.generation()
+        && idle.conn.is_reusable()
 }
 
 impl From<SendError> for UpstreamError {

@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
+use switchyard::reload::ReloadReport;
 use switchyard::{Config, Gateway, server};
 
 pub mod browser;
@@ -533,6 +534,14 @@ impl TestGateway {
             .await;
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
         reply.json()
+    }
+
+    /// Reloads the gateway with `toml`, as the binary does on SIGHUP: the
+    /// listen address stays the one bound. The gateway validates it.
+    pub async fn reload(&self, toml: &str) -> ReloadReport {
+        let mut config = Config::parse(toml, "reloaded").expect("test config parses");
+        config.gateway.listen = self.addr;
+        self.gateway.reload(config).await
     }
 
     /// Signals shutdown and waits for `server::run` to return.

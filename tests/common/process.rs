@@ -122,6 +122,15 @@ impl Running {
         (self.child.wait().unwrap(), rest)
     }
 
+    /// `kill -HUP`: the gateway reloads its configuration.
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -HUP");
+    }
+
     /// `kill -9`: no chance to flush or close anything.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
