@@ -21,6 +21,7 @@ use crate::auth::AdminToken;
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
+use crate::metrics;
 use crate::proxy::{self, headers::Peer};
 use crate::status;
 
@@ -95,6 +96,7 @@ impl Service<Request<Body>> for Router {
             "/healthz" => api::healthz(method, self.gateway.registry()),
             status::PAGE_PATH => status::page(method),
             status::SNAPSHOT_PATH => status::snapshot(method, &self.gateway),
+            metrics::PATH => metrics::serve(method, &self.gateway),
             _ => Err(api::not_found(path)),
         };
         Box::pin(std::future::ready(Ok(

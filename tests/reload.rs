@@ -107,7 +107,9 @@ async fn a_service_override_of_max_attempts_applies_from_the_next_request() {
 #[tokio::test]
 async fn a_raised_instance_limit_takes_the_registration_it_refused() {
     let config = |per_service: u32| {
-        format!("{QUIET}[limits]\nmax_instances = 10\nmax_instances_per_service = {per_service}\n")
+        format!(
+            "{QUIET}[limits]\nmax_instances_per_service = 10\nmax_instances_per_service = {per_service}\n"
+        )
     };
     let gw = TestGateway::start(&config(1)).await;
     gw.register("svc", "http://127.0.0.1:9001").await;
@@ -257,6 +259,39 @@ async fn a_new_admin_token_replaces_the_old_at_once() {
         register_with(&gw, "new-token", "http://127.0.0.1:9002").await,
         StatusCode::CREATED
     );
+}
+
+#[tokio::test]
+async fn reloads_are_counted_in_the_metrics_and_shown_on_the_status_page() {
+    let gw = TestGateway::start(QUIET).await;
+    let status = gw.get("/status.json").await.json();
+    assert!(status.get("reloads").is_none(), "no reload yet: {status}");
+
+    assert!(
+        gw.reload(&format!(
+            "{QUIET}[limits]\nmax_instances_per_service = 10\n"
+        ))
+        .await
+        .is_ok()
+    );
+    let status = gw.get("/status.json").await.json();
+    assert_eq!(status["reloads"]["succeeded"], 1);
+    assert!(status["reloads"].get("last_error").is_none(), "{status}");
+
+    assert!(!gw.reload("[retry]\nmax_attempts = 0\n").await.is_ok());
+    let status = gw.get("/status.json").await.json();
+    assert_eq!(status["reloads"]["failed"], 1);
+    let error = status["reloads"]["last_error"].as_str().unwrap();
+    assert!(error.contains("retry.max_attempts"), "{error}");
+
+    let metrics = gw.get("/metrics").await.text();
+    for line in [
+        "switchyard_config_reloads_total{result=\"success\"} 1\n",
+        "switchyard_config_reloads_total{result=\"failure\"} 1\n",
+        "switchyard_config_last_reload_successful 0\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
 }
 
 #[tokio::test]

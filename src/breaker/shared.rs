@@ -6,6 +6,7 @@
 //! unsettled (the request was cancelled) gives its half-open probe slot back,
 //! so half-open can never wedge.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,6 +26,8 @@ pub struct Breaker {
     machine: Mutex<BreakerMachine>,
     service: Arc<str>,
     instance: Arc<str>,
+    /// Transitions made, by the state entered (`/metrics`).
+    transitions: [AtomicU64; 3],
 }
 
 impl Breaker {
@@ -33,7 +36,13 @@ impl Breaker {
             machine: Mutex::new(BreakerMachine::new(config)),
             service,
             instance,
+            transitions: Default::default(),
         }
+    }
+
+    /// How many times the circuit entered `to`.
+    pub fn transitions(&self, to: CircuitState) -> u64 {
+        self.transitions[to as usize].load(Ordering::Relaxed)
     }
 
     /// Takes the thresholds of a reloaded configuration, keeping the
@@ -98,6 +107,7 @@ impl Breaker {
 
     fn log(&self, transition: Option<Transition>) {
         if let Some(Transition { from, to }) = transition {
+            self.transitions[to as usize].fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 service = %self.service,
                 instance = %self.instance,

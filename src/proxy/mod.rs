@@ -39,10 +39,11 @@ use crate::breaker::CircuitState;
 use crate::config::Config;
 use crate::error::{ErrorCode, GatewayError};
 use crate::gateway::Gateway;
+use crate::metrics::{AttemptOutcome, ServiceStats};
 use crate::outcome::{ClientFault, Failure, Outcome};
 use crate::registry::{HealthStatus, Instance, InstanceStack, Registry, ServiceEntry};
 use crate::retry::replay::RequestBody;
-use crate::retry::{self, RequestTraits};
+use crate::retry::{self, GiveUp, RequestTraits};
 use crate::upstream::{Deadline, Outbound, UpstreamBody};
 use headers::Peer;
 use path::CallTarget;
@@ -80,6 +81,9 @@ pub struct Served {
 struct Tally {
     served: Served,
     log: bool,
+    started: Instant,
+    /// The service's counters, once the service is known.
+    stats: Option<Arc<ServiceStats>>,
 }
 
 impl Tally {
@@ -87,6 +91,8 @@ impl Tally {
         Self {
             served: Served::default(),
             log: gateway.access_switch().is_on(),
+            started: Instant::now(),
+            stats: None,
         }
     }
 
@@ -94,9 +100,15 @@ impl Tally {
         self.served.attempts
     }
 
-    /// Counts an attempt at `instance`; it is named only for the log.
+    /// Counts an attempt at `instance` (one after the first is a retry);
+    /// it is named only for the log.
     fn attempted(&mut self, instance: &Instance) {
         self.served.attempts += 1;
+        if self.served.attempts > 1
+            && let Some(stats) = &self.stats
+        {
+            stats.retried();
+        }
         if self.log {
             self.served.instance = Some(instance.id_name().clone());
         }
@@ -106,6 +118,10 @@ impl Tally {
     /// response, marked with what was served if the log is on.
     fn answer(self, result: Result<Response<Body>, GatewayError>) -> Response<Body> {
         let mut response = result.unwrap_or_else(GatewayError::into_response);
+        if let Some(stats) = &self.stats {
+            let now = Instant::now();
+            stats.record(response.status().as_u16(), now - self.started, now);
+        }
         if self.log {
             response.extensions_mut().insert(self.served);
         }
@@ -195,6 +211,7 @@ impl Proxy {
                 Ok(admitted) => admitted,
                 Err(refused) => return tally.answer(Err(refused)),
             };
+        tally.stats = Some(service.stats().clone());
         service.budget().deposit();
         let policy = &service.policy().retry;
 
@@ -250,7 +267,11 @@ impl Proxy {
             );
             request.declare_empty |= declare_empty;
             let result = call(instance.stack().clone(), request).await;
-            let failure = match (Outcome::of(&result), result) {
+            let outcome = Outcome::of(&result);
+            if let Some(counted) = AttemptOutcome::of(outcome) {
+                instance.attempts().count(counted);
+            }
+            let failure = match (outcome, result) {
                 (_, Ok(response)) => {
                     tally.attempted(&instance);
                     let status = response.status().as_u16();
@@ -299,6 +320,9 @@ impl Proxy {
             if let Err(why) =
                 retry::decide(failure, traits, tally.attempts(), policy, service.budget())
             {
+                if why == GiveUp::BudgetSpent {
+                    service.stats().budget_exhausted();
+                }
                 tracing::debug!(service = service.name(), ?why, "not retrying");
                 break;
             }

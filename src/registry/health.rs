@@ -15,7 +15,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -220,6 +220,8 @@ impl HealthTracker {
 pub struct Health {
     status: AtomicU8,
     inner: Mutex<HealthInner>,
+    /// Checks recorded, passed and failed (`/metrics`).
+    checks: [AtomicU64; 2],
 }
 
 #[derive(Debug, Default)]
@@ -289,10 +291,20 @@ impl Health {
             Some(_) => inner.unhealthy_since = None,
             None => {}
         }
+        self.checks[usize::from(!check.ok)].fetch_add(1, Ordering::Relaxed);
         inner.last_check = Some(check);
         self.status
             .store(inner.tracker.status().to_u8(), Ordering::Relaxed);
         flip
+    }
+
+    /// How many checks passed and how many failed.
+    pub fn checks(&self) -> (u64, u64) {
+        let [passed, failed] = &self.checks;
+        (
+            passed.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HealthInner> {

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::health::{Health, HealthStatus};
 use super::validate::InstanceUrl;
 use crate::breaker::{Breaker, CircuitBreaker, CircuitBreakerLayer};
+use crate::metrics::Attempts;
 use crate::upstream::{AttemptTimeout, AttemptTimeoutLayer, Pool, PoolService};
 
 /// One instance's stack (SPEC §10): its circuit breaker over one attempt's
@@ -120,6 +121,8 @@ pub struct Instance {
     stop: CancellationToken,
     /// Whether its health checker has been started.
     checked: Arc<AtomicBool>,
+    /// Its attempts by outcome (`/metrics`), shared by every snapshot.
+    attempts: Arc<Attempts>,
 }
 
 impl Instance {
@@ -154,6 +157,7 @@ impl Instance {
             deadline: Arc::default(),
             state: Arc::default(),
             health: Arc::default(),
+            attempts: Arc::default(),
             breaker,
             stack,
             stop,
@@ -182,6 +186,7 @@ impl Instance {
             breaker: self.breaker.clone(),
             stack: self.stack.clone(),
             stop: self.stop.clone(),
+            attempts: self.attempts.clone(),
             checked: self.checked.clone(),
         }
     }
@@ -268,6 +273,11 @@ impl Instance {
             );
         }
         previous
+    }
+
+    /// Its attempts by outcome.
+    pub fn attempts(&self) -> &Attempts {
+        &self.attempts
     }
 
     pub fn health(&self) -> &Health {

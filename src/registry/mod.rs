@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use crate::breaker::Breaker;
 use crate::config::{Config, ServicePolicy};
 use crate::error::{ErrorCode, GatewayError};
+use crate::metrics::ServiceStats;
 use crate::retry::RetryBudget;
 use crate::upstream::policy::UpstreamPolicy;
 use crate::upstream::{Pool, PoolSettings, SharedPoolSettings};
@@ -70,6 +71,8 @@ pub struct ServiceEntry {
     live_policy: Arc<LivePolicy>,
     /// Shared by every snapshot of the service, like the live policy.
     budget: Arc<RetryBudget>,
+    /// Its proxied requests (`/metrics`, the status page); shared likewise.
+    stats: Arc<ServiceStats>,
     instances: Vec<Arc<Instance>>,
 }
 
@@ -86,6 +89,11 @@ impl ServiceEntry {
     /// retry withdraws.
     pub fn budget(&self) -> &RetryBudget {
         &self.budget
+    }
+
+    /// The service's proxied requests, by status and duration.
+    pub fn stats(&self) -> &Arc<ServiceStats> {
+        &self.stats
     }
 
     /// In registration order.
@@ -114,6 +122,7 @@ impl ServiceEntry {
             policy: self.policy.clone(),
             live_policy: self.live_policy.clone(),
             budget: self.budget.clone(),
+            stats: self.stats.clone(),
             instances,
         }
     }
@@ -127,6 +136,7 @@ impl ServiceEntry {
             policy,
             live_policy: self.live_policy.clone(),
             budget: self.budget.clone(),
+            stats: self.stats.clone(),
             instances: self.instances.clone(),
         }
     }
@@ -716,6 +726,7 @@ impl Registry {
                 live_policy: Arc::new(ArcSwap::new(policy.clone())),
                 policy,
                 budget: Arc::new(budget),
+                stats: Arc::default(),
                 name,
                 instances: Vec::new(),
             })

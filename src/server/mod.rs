@@ -115,6 +115,8 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
         };
         open.spawn(async move {
             let _slot = slot;
+            let gateway = client.gateway.clone();
+            let _open = gateway.metrics().connection_opened();
             if let Err(e) = client.serve(stream).await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }

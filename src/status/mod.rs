@@ -80,19 +80,26 @@ pub fn snapshot(method: &Method, gateway: &Gateway) -> Result<Response<Body>, Ga
     read_only(method)?;
     let services = gateway.registry().services();
     let config = gateway.config();
+    let now = Instant::now();
     let snapshot = Snapshot::of(
         &config.gateway.name,
         &services,
-        |name| gateway.metrics().recent(name),
-        Instant::now(),
+        |name| {
+            gateway
+                .registry()
+                .get(name)
+                .map_or_else(Recent::default, |service| service.stats().recent(now))
+        },
+        now,
         SystemTime::now(),
-    );
+    )
+    .with_reloads(gateway.reloads());
     // It holds only strings, numbers and string maps: it serializes.
     let json = serde_json::to_vec(&snapshot).unwrap_or_default();
     Ok(answer("application/json", Bytes::from(json)))
 }
 
-fn read_only(method: &Method) -> Result<(), GatewayError> {
+pub(crate) fn read_only(method: &Method) -> Result<(), GatewayError> {
     match *method {
         Method::GET | Method::HEAD => Ok(()),
         _ => Err(GatewayError::method_not_allowed("GET, HEAD")),
@@ -100,7 +107,7 @@ fn read_only(method: &Method) -> Result<(), GatewayError> {
 }
 
 /// A 200 that no cache keeps: the page shows live state.
-fn answer(content_type: &'static str, bytes: Bytes) -> Response<Body> {
+pub(crate) fn answer(content_type: &'static str, bytes: Bytes) -> Response<Body> {
     let mut response = Response::new(body::full(bytes));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -116,6 +123,20 @@ pub struct Snapshot<'a> {
     instances: usize,
     routable: usize,
     services: Vec<ServiceStatus<'a>>,
+    /// Configuration reloads, once there has been one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reloads: Option<ReloadStatus>,
+}
+
+/// The reloads so far, and how the last one ended.
+#[derive(Debug, Serialize)]
+struct ReloadStatus {
+    succeeded: u64,
+    failed: u64,
+    last_at: String,
+    /// Why the last one was refused; absent when it applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -171,7 +192,19 @@ impl<'a> Snapshot<'a> {
             instances: services.iter().map(|s| s.total).sum(),
             routable: services.iter().map(|s| s.routable).sum(),
             services,
+            reloads: None,
         }
+    }
+
+    /// With `reloads`, when there has been one.
+    fn with_reloads(mut self, reloads: crate::reload::Reloads) -> Self {
+        self.reloads = reloads.last.map(|last| ReloadStatus {
+            succeeded: reloads.succeeded,
+            failed: reloads.failed,
+            last_at: humantime::format_rfc3339_seconds(last.at).to_string(),
+            last_error: last.result.err(),
+        });
+        self
     }
 }
 
