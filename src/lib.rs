@@ -15,9 +15,11 @@
 //!   router.
 //! - [`access_log`]: one line per proxied request, as the stack's layer.
 //! - [`router`]: `/services*` → [`api`], `/call/*` → the proxy, `/healthz`,
-//!   `/status` → [`status`].
+//!   `/status` → [`status`], `/metrics` → [`metrics`].
 //! - [`api`]: the registry's REST handlers and their JSON shapes.
 //! - [`status`]: the live status page and the snapshot it polls.
+//! - [`metrics`]: what the gateway counts, and `/metrics` in the
+//!   Prometheus text format.
 //! - [`auth`]: the admin token that guards registry writes.
 //! - [`registry`]: services and instances, health state, the health checker.
 //! - [`breaker`]: the per-instance circuit breaker and its state machine.
