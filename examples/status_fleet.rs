@@ -226,6 +226,20 @@ async fn main() {
     while !tripped() {
         client.get(uri.clone()).await.expect("the gateway answers");
     }
+    // Some traffic everywhere, for the last minute's figures.
+    let names: Vec<String> = registry
+        .services()
+        .iter()
+        .map(|entry| entry.name().to_string())
+        .collect();
+    for name in &names {
+        let uri: http::Uri = format!("http://{addr}/call/{name}/")
+            .parse()
+            .expect("a valid URI");
+        for _ in 0..200 {
+            client.get(uri.clone()).await.expect("the gateway answers");
+        }
+    }
     // Every instance checked at least once.
     while registry.services().iter().any(|entry| {
         entry
