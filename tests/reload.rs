@@ -633,3 +633,45 @@ async fn requests_in_flight_across_a_sighup_all_complete() {
         .expect("answered");
     assert_eq!(status, StatusCode::OK, "and the gateway serves on");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_turns_the_access_log_on_in_json() {
+    let dir = TempDir::new("reload-log");
+    let up = Echo::start("logged").await;
+    let service = format!(
+        "[[services]]\nname = \"logged\"\nurls = [\"{}\"]\n",
+        up.url()
+    );
+    write_config(&dir, "", &service);
+    let mut gw = Running::start(&dir);
+    assert_eq!(
+        gw.send(Method::GET, "/call/logged/before", None).await.0,
+        StatusCode::OK
+    );
+
+    write_config(
+        &dir,
+        "",
+        &format!("[log]\naccess = true\nformat = \"json\"\n{service}"),
+    );
+    gw.hangup();
+    let line = gw.wait_for("configuration reloaded");
+    assert!(
+        line.contains("log.access") && line.contains("log.format"),
+        "{line}"
+    );
+    assert_eq!(
+        gw.send(Method::GET, "/call/logged/after", None).await.0,
+        StatusCode::OK
+    );
+    let line = gw.wait_for("switchyard::access");
+    let access: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(access["path"], "/after", "{line}");
+    assert_eq!(access["service"], "logged", "{line}");
+    assert!(
+        gw.seen.iter().all(|l| !l.contains("/before")),
+        "no access line before the reload: {:#?}",
+        gw.seen
+    );
+}
