@@ -108,7 +108,7 @@ async fn a_service_override_of_max_attempts_applies_from_the_next_request() {
 async fn a_raised_instance_limit_takes_the_registration_it_refused() {
     let config = |per_service: u32| {
         format!(
-            "{QUIET}[limits]\nmax_instances_per_service = 10\nmax_instances_per_service = {per_service}\n"
+            "{QUIET}[limits]\nmax_instances = 10\nmax_instances_per_service = {per_service}\n"
         )
     };
     let gw = TestGateway::start(&config(1)).await;
