@@ -107,9 +107,7 @@ async fn a_service_override_of_max_attempts_applies_from_the_next_request() {
 #[tokio::test]
 async fn a_raised_instance_limit_takes_the_registration_it_refused() {
     let config = |per_service: u32| {
-        format!(
-            "{QUIET}[limits]\nmax_instances = 10\nmax_instances_per_service = {per_service}\n"
-        )
+        format!("{QUIET}[limits]\nmax_instances = 10\nmax_instances_per_service = {per_service}\n")
     };
     let gw = TestGateway::start(&config(1)).await;
     gw.register("svc", "http://127.0.0.1:9001").await;
