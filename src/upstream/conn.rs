@@ -46,7 +46,7 @@ const COALESCE: u64 = 64 * 1024;
 /// How much the read buffer grows by. One read takes what a large body
 /// has in the socket: at 16 KiB, 256 KiB responses cost four times the
 /// reads (and frames, and writes to the client) and 40% more CPU per
-/// request (README, benchmarks: read buffer).
+/// request (docs/performance.md, real payloads).
 const READ_CHUNK: usize = 64 * 1024;
 /// How long to look for an answer the instance sent before it stopped
 /// taking the request body.
