@@ -14,7 +14,6 @@ use tokio::time::Instant;
 use super::AttemptOutcome;
 use crate::breaker::CircuitState;
 use crate::gateway::Gateway;
-use crate::registry::ServiceEntry;
 
 /// The exposition text of `gateway`'s metrics now.
 pub fn render(gateway: &Arc<Gateway>) -> String {
@@ -110,21 +109,25 @@ impl prometheus_client::collector::Collector for Scrape {
         };
 
         // Requests: by status, then the duration histogram.
-        let statuses: Vec<(&ServiceEntry, Vec<(u16, u64)>)> =
-            each_service().map(|s| (s, s.stats().statuses())).collect();
-        let codes: Vec<Vec<(u16, String, u64)>> = statuses
-            .iter()
-            .map(|(_, by)| by.iter().map(|&(c, n)| (c, c.to_string(), n)).collect())
+        // The label values borrow from here: one string per status seen.
+        let statuses: Vec<(&str, Vec<(String, u64)>)> = each_service()
+            .map(|s| {
+                let by = s.stats().statuses();
+                (
+                    s.name(),
+                    by.into_iter().map(|(c, n)| (c.to_string(), n)).collect(),
+                )
+            })
             .collect();
         family(
             &mut encoder,
             "switchyard_requests",
             "Proxied requests, by the status answered.",
             MetricType::Counter,
-            statuses.iter().zip(&codes).flat_map(|((s, _), codes)| {
-                codes.iter().map(move |(_, code, n)| {
+            statuses.iter().flat_map(|(service, by)| {
+                by.iter().map(move |(code, n)| {
                     (
-                        vec![("service", s.name()), ("status", code.as_str())],
+                        vec![("service", *service), ("status", code.as_str())],
                         Value::Counter(*n),
                     )
                 })
