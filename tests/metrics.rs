@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Echo, TestGateway, eventually};
+use common::{Echo, TestGateway, Way, each_way, eventually};
 
 /// One sample of the exposition: its name, labels and value.
 #[derive(Debug)]
@@ -93,6 +93,13 @@ impl Scrape {
     }
 }
 
+// Every scrape and call goes over a fresh HTTP/1.1 connection, one that
+// carried another request first, or HTTP/2.
+each_way! {
+    metrics_follow_a_scripted_scenario,
+    every_family_of_the_spec_is_exposed_with_its_type,
+}
+
 const CONFIG: &str = r#"
 [health_check]
 interval = "0s"
@@ -108,8 +115,7 @@ budget_ratio = 0.0
 budget_min_per_sec = 1
 "#;
 
-#[tokio::test]
-async fn metrics_follow_a_scripted_scenario() {
+async fn metrics_follow_a_scripted_scenario(way: Way) {
     let ok = Echo::start("ok").await;
     let flaky = Echo::start("flaky").await;
     flaky.set_status(503);
@@ -134,7 +140,7 @@ unhealthy_threshold = 1
         tripping = tripping.url(),
         checked = checked.url(),
     );
-    let gw = TestGateway::start(&toml).await;
+    let gw = TestGateway::start_way(&toml, way).await;
     let ok_id = gw.register("ok", &ok.url()).await["id"]
         .as_str()
         .unwrap()
@@ -290,9 +296,8 @@ unhealthy_threshold = 1
     assert_eq!(m.value("switchyard_registry_instances", &[]), 3.0);
 }
 
-#[tokio::test]
-async fn every_family_of_the_spec_is_exposed_with_its_type() {
-    let gw = TestGateway::start(CONFIG).await;
+async fn every_family_of_the_spec_is_exposed_with_its_type(way: Way) {
+    let gw = TestGateway::start_way(CONFIG, way).await;
     let upstream = Echo::start("one").await;
     gw.register("one", &upstream.url()).await;
     assert_eq!(gw.get("/call/one/").await.status, 200);
