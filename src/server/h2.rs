@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::Request;
+use http::{HeaderValue, Method, Request, Response, header};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -43,12 +43,16 @@ pub async fn serve(client: &Client, stream: TcpStream, read: BytesMut) -> Result
         let mut stack = stack.clone();
         let idle = gateway.config().proxy.idle_timeout;
         async move {
+            let head = request.method() == Method::HEAD;
             let request = request.map(body::boxed);
             let response = match stack.call(request).await {
                 Ok(response) => response,
                 Err(never) => match never {},
             };
-            Ok::<_, Infallible>(response.map(|body| watch(body, idle)))
+            Ok::<_, Infallible>(match head {
+                true => head_only(response),
+                false => response.map(|body| watch(body, idle)),
+            })
         }
     });
     let io = TokioIo::new(Rewound {
@@ -63,6 +67,26 @@ pub async fn serve(client: &Client, stream: TcpStream, read: BytesMut) -> Result
     }
     connection.as_mut().graceful_shutdown();
     Ok(connection.await?)
+}
+
+/// The answer to a HEAD: `response`'s head, with the `Content-Length` its
+/// body would have had, and no body. The gateway's own answers (the API,
+/// the status page, `/metrics`) are built the same for GET and HEAD, and
+/// HTTP/2, unlike the HTTP/1 server, does not drop a HEAD's body itself:
+/// DATA on a HEAD's stream is a protocol error to the client. A body that
+/// is already over (an instance's answer to HEAD) is left as it is.
+fn head_only(response: Response<Body>) -> Response<Body> {
+    if http_body::Body::is_end_stream(response.body()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    if let Some(length) = http_body::Body::size_hint(&body).exact() {
+        parts
+            .headers
+            .entry(header::CONTENT_LENGTH)
+            .or_insert_with(|| HeaderValue::from(length));
+    }
+    Response::from_parts(parts, body::empty())
 }
 
 /// `body`, taken away once it makes no progress for `idle`.
