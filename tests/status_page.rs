@@ -12,7 +12,7 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use common::browser::{Browser, Tab};
-use common::{Echo, TestGateway, Upstream, dead_url, eventually, response};
+use common::{Echo, TestGateway, Upstream, Way, dead_url, each_way, eventually, response};
 
 /// Checks every 200 ms; one failure makes an instance unhealthy.
 const CHECKED: &str = r#"
@@ -63,9 +63,8 @@ fn instance<'a>(service: &'a Value, id: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no instance {id} in {service}"))
 }
 
-#[tokio::test]
-async fn the_snapshot_shows_every_service_and_instance_as_the_registry_has_it() {
-    let gw = TestGateway::start(CHECKED).await;
+async fn the_snapshot_shows_every_service_and_instance_as_the_registry_has_it(way: Way) {
+    let gw = TestGateway::start_way(CHECKED, way).await;
     let up = Echo::start("up").await;
     let down = dead_url().await;
     register(
@@ -195,9 +194,8 @@ async fn the_snapshot_shows_every_service_and_instance_as_the_registry_has_it() 
     }
 }
 
-#[tokio::test]
-async fn page_and_snapshot_are_open_reads_that_no_cache_keeps() {
-    let gw = TestGateway::start("[gateway]\nadmin_token = \"s3cret\"").await;
+async fn page_and_snapshot_are_open_reads_that_no_cache_keeps(way: Way) {
+    let gw = TestGateway::start_way("[gateway]\nadmin_token = \"s3cret\"", way).await;
     let refused = gw
         .post_json(
             "/services",
@@ -307,6 +305,13 @@ async fn next_snapshot(tab: &Tab<'_>) {
         || async { tab.evaluate(updated).await != before },
     )
     .await;
+}
+
+// The snapshot and the page over a fresh HTTP/1.1 connection, one that
+// carried a request first, and HTTP/2.
+each_way! {
+    the_snapshot_shows_every_service_and_instance_as_the_registry_has_it,
+    page_and_snapshot_are_open_reads_that_no_cache_keeps,
 }
 
 #[tokio::test]
