@@ -136,23 +136,23 @@ impl UpstreamConnection {
         } = request;
         let head_request = method == Method::HEAD;
         let size = body.size_hint().exact();
+        let fields_end = head.len();
+        let mut encoder = encode::request_framing(&mut head, size, declare_empty);
+        // A small body of known size is read whole and goes out right
+        // behind the head, copied once, straight into the head's buffer.
         let inline = match size {
             Some(n) if n <= COALESCE => {
-                let mut data = BytesMut::with_capacity(n as usize);
+                let body_start = head.len();
+                head.reserve(n as usize);
                 while let Some(frame) = body.frame().await {
                     if let Ok(chunk) = frame.map_err(SendError::ClientBody)?.into_data() {
-                        data.extend_from_slice(&chunk);
+                        head.extend_from_slice(&chunk);
                     }
                 }
-                Some(data.freeze())
+                Some(body_start)
             }
             _ => None,
         };
-        let fields_end = head.len();
-        let mut encoder = encode::request_framing(&mut head, size, declare_empty);
-        if let Some(data) = &inline {
-            head.extend_from_slice(data);
-        }
         // The request goes out at the end of the event loop's turn, with
         // the others of that turn: an instance then wakes once for the
         // batch, not once per request.
@@ -162,11 +162,11 @@ impl UpstreamConnection {
         head = written_head;
         if let Err(e) = written {
             // The connection was dead before anything of ours got through.
-            head.truncate(fields_end);
             let body = match inline {
-                Some(data) => crate::body::full(data),
+                Some(body_start) => crate::body::full(Bytes::copy_from_slice(&head[body_start..])),
                 None => body,
             };
+            head.truncate(fields_end);
             let request = Outbound {
                 method,
                 head,
@@ -404,6 +404,73 @@ mod tests {
         assert_eq!(
             head(Method::POST, None, false),
             "POST /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    /// A request whose connection turned out dead before a byte went out
+    /// comes back whole, its inlined body included, and goes out unchanged
+    /// on the next connection.
+    #[tokio::test]
+    async fn a_request_unsent_on_a_dead_connection_comes_back_whole() {
+        use tokio::io::AsyncReadExt;
+        use tokio::net::TcpListener;
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        // The instance resets the connection while it sits idle.
+        let (instance_side, _) = listener.accept().await.unwrap();
+        instance_side.set_zero_linger().unwrap();
+        drop(instance_side);
+        stream.readable().await.unwrap();
+
+        let host = HeaderValue::from_static("h");
+        let body = crate::body::full(Bytes::from_static(b"payload"));
+        let request = Outbound::new(Method::POST, &["/up"], &host, b"x: 1\r\n", body);
+        let idle = Duration::from_secs(5);
+        let sent = UpstreamConnection::new(stream, 0)
+            .send(request, None, idle)
+            .await;
+        let Err(SendError::Unsent(unsent, _)) = sent else {
+            panic!(
+                "a reset connection takes nothing: {:?}",
+                sent.map(|r| r.status())
+            );
+        };
+
+        let instance = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            // The head says how much body follows: read that much.
+            let mut received = Vec::new();
+            let whole = |r: &[u8]| {
+                let at = r.windows(4).position(|w| w == b"\r\n\r\n")?;
+                (r.len() >= at + 4 + 7).then_some(())
+            };
+            let read = async {
+                while whole(&received).is_none() {
+                    assert_ne!(stream.read_buf(&mut received).await.unwrap(), 0);
+                }
+            };
+            // A bound, not a measure: a body short of its length would
+            // otherwise leave both sides waiting.
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .expect("the body came whole");
+            stream
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8(received).unwrap()
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let response = UpstreamConnection::new(stream, 0)
+            .send(*unsent, None, idle)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 204);
+        assert_eq!(
+            instance.await.unwrap(),
+            "POST /up HTTP/1.1\r\nhost: h\r\nx: 1\r\ncontent-length: 7\r\n\r\npayload"
         );
     }
 }
