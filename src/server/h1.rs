@@ -21,6 +21,7 @@
 //! A connection whose first bytes are the HTTP/2 preface is handed to
 //! hyper's HTTP/2 server before anything is parsed ([`super::h2`]).
 
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
@@ -301,7 +302,7 @@ async fn write_response(
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
                         // Nothing more ready: send what is gathered, and wait.
-                        write_within(&mut stream, out, idle).await?;
+                        write_within(&mut stream, &mut [IoSlice::new(out)], idle).await?;
                         out.clear();
                         tokio::time::timeout(idle, body.frame())
                             .await
@@ -322,15 +323,21 @@ async fn write_response(
             }
             encoder.before_data(out, data.len())?;
             if data.len() >= WRITE_THROUGH {
-                write_within(&mut stream, out, idle).await?;
+                // What is gathered (the head, framing) and the chunk go out
+                // in one system call, without copying the chunk.
+                write_within(
+                    &mut stream,
+                    &mut [IoSlice::new(out), IoSlice::new(&data)],
+                    idle,
+                )
+                .await?;
                 out.clear();
-                write_within(&mut stream, &data, idle).await?;
             } else {
                 out.extend_from_slice(&data);
             }
             encoder.after_data(out);
             if out.len() >= FLUSH_AT {
-                write_within(&mut stream, out, idle).await?;
+                write_within(&mut stream, &mut [IoSlice::new(out)], idle).await?;
                 out.clear();
             }
         }
@@ -348,18 +355,22 @@ async fn poll_ready_frame(body: &mut Body) -> Poll<Option<Result<Frame<Bytes>, B
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
 }
 
-/// Writes all of `bytes`, giving up when the client takes none of them
-/// for `idle`.
+/// Writes all of `bytes`, in as few system calls as the socket allows,
+/// giving up when the client takes none of them for `idle`.
 async fn write_within(
     stream: &mut TcpStream,
-    bytes: &[u8],
+    mut bytes: &mut [IoSlice<'_>],
     idle: Duration,
 ) -> Result<(), BoxError> {
-    if bytes.is_empty() {
-        return Ok(());
+    IoSlice::advance_slices(&mut bytes, 0);
+    while !bytes.is_empty() {
+        let written = tokio::time::timeout(idle, stream.write_vectored(bytes))
+            .await
+            .map_err(|_| "the client took no response bytes for idle_timeout")??;
+        if written == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        }
+        IoSlice::advance_slices(&mut bytes, written);
     }
-    tokio::time::timeout(idle, stream.write_all(bytes))
-        .await
-        .map_err(|_| "the client took no response bytes for idle_timeout")??;
     Ok(())
 }
