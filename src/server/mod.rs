@@ -53,6 +53,9 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    // Accepted connections inherit it on Linux: no system call per
+    // connection to set it (see `run`).
+    socket.set_nodelay(true)?;
     #[cfg(unix)]
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
@@ -106,6 +109,8 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
                 }
             }
         };
+        // On Linux the connection has it from the listening socket.
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         let peer = Peer::new(remote);
         let client = Client {
@@ -152,6 +157,24 @@ impl Client {
         match h1::serve(&self, stream).await? {
             h1::Ended::Closed => Ok(()),
             h1::Ended::Http2(stream, read) => h2::serve(&self, stream, read).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accept loop leaves `TCP_NODELAY` to the listening socket: an
+    /// answer's last segment must not wait for the client's ACK.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_from_the_listener() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        if cfg!(target_os = "linux") {
+            assert!(accepted.nodelay().unwrap());
         }
     }
 }
