@@ -138,6 +138,24 @@ impl GatewayProcess {
         };
         (field("VmRSS:"), field("VmHWM:"))
     }
+
+    /// CPU time the gateway has used so far (user + system, all threads),
+    /// in seconds, from /proc: to the clock tick (10 ms).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // The fields after the command name, which is in parentheses and
+        // may hold spaces: utime and stime are the 12th and 13th of them.
+        let after_name = stat.rsplit(')').next().unwrap_or("");
+        let ticks: u64 = after_name
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|t| t.parse::<u64>().ok())
+            .sum();
+        // USER_HZ, fixed at 100 for user space on every Linux architecture.
+        ticks as f64 / 100.0
+    }
 }
 
 impl Drop for GatewayProcess {
