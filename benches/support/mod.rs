@@ -78,7 +78,8 @@ async fn serve_hello(listener: TcpListener) {
     }
 }
 
-/// The real `switchyard` binary, release build, on a free port.
+/// The real `switchyard` binary, release build, on a free port (the one
+/// `BENCH_GATEWAY_BIN` names, if set).
 pub struct GatewayProcess {
     pub addr: SocketAddr,
     child: Child,
@@ -95,7 +96,11 @@ impl GatewayProcess {
             format!("[gateway]\nlisten = \"127.0.0.1:0\"\n{config}"),
         )
         .expect("config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        // BENCH_GATEWAY_BIN: another build of the gateway, to compare two
+        // builds in one run.
+        let binary = std::env::var("BENCH_GATEWAY_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_switchyard").to_string());
+        let mut child = Command::new(binary)
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "warn,switchyard=info,switchyard::registry=warn")
