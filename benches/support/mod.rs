@@ -78,7 +78,8 @@ async fn serve_hello(listener: TcpListener) {
     }
 }
 
-/// The real `switchyard` binary, release build, on a free port.
+/// The real `switchyard` binary, release build, on a free port (the one
+/// `BENCH_GATEWAY_BIN` names, if set).
 pub struct GatewayProcess {
     pub addr: SocketAddr,
     child: Child,
@@ -95,7 +96,11 @@ impl GatewayProcess {
             format!("[gateway]\nlisten = \"127.0.0.1:0\"\n{config}"),
         )
         .expect("config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        // BENCH_GATEWAY_BIN: another build of the gateway, to compare two
+        // builds in one run.
+        let binary = std::env::var("BENCH_GATEWAY_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_switchyard").to_string());
+        let mut child = Command::new(binary)
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "warn,switchyard=info,switchyard::registry=warn")
@@ -137,6 +142,24 @@ impl GatewayProcess {
                 .unwrap_or(0)
         };
         (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// CPU time the gateway has used so far (user + system, all threads),
+    /// in seconds, from /proc: to the clock tick (10 ms).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // The fields after the command name, which is in parentheses and
+        // may hold spaces: utime and stime are the 12th and 13th of them.
+        let after_name = stat.rsplit(')').next().unwrap_or("");
+        let ticks: u64 = after_name
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|t| t.parse::<u64>().ok())
+            .sum();
+        // USER_HZ, fixed at 100 for user space on every Linux architecture.
+        ticks as f64 / 100.0
     }
 }
 
