@@ -48,11 +48,13 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// How much the read buffer grows by while reading heads.
 const READ_CHUNK: usize = 8 * 1024;
 /// Response body chunks at least this large are written as they are,
-/// rather than copied behind the head.
+/// rather than copied behind the head (but for the body's last chunk).
 const WRITE_THROUGH: usize = 4 * 1024;
 /// Small chunks ready one after the other are gathered up to this much
 /// before they are written.
 const FLUSH_AT: usize = 64 * 1024;
+/// The write buffer a connection keeps between requests, at most.
+const KEEP_OUT: usize = 4 * 1024;
 /// How long a closing connection keeps reading (and dropping) what the
 /// client still sends, so that the client reads the answer before the
 /// close resets the connection.
@@ -73,7 +75,7 @@ pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError
         stream,
         buf: BytesMut::with_capacity(READ_CHUNK),
     };
-    let mut out = Vec::with_capacity(1024);
+    let mut out = Vec::with_capacity(KEEP_OUT);
     // One timer and one shutdown waiter for the connection's life, not one
     // of each per request: the timer is set for the first head's deadline
     // and, when it fires before the current head's, moved on to it.
@@ -322,7 +324,10 @@ async fn write_response(
                 continue;
             }
             encoder.before_data(out, data.len())?;
-            if data.len() >= WRITE_THROUGH {
+            // The body's last chunk, when it fits, joins what is gathered
+            // and goes out with the turn's other writes, in one batch.
+            let last = body.is_end_stream() && out.len() + data.len() <= FLUSH_AT;
+            if data.len() >= WRITE_THROUGH && !last {
                 // What is gathered (the head, framing) and the chunk go out
                 // in one system call, without copying the chunk.
                 write_within(
@@ -333,6 +338,7 @@ async fn write_response(
                 .await?;
                 out.clear();
             } else {
+                out.reserve(data.len());
                 out.extend_from_slice(&data);
             }
             encoder.after_data(out);
@@ -346,6 +352,11 @@ async fn write_response(
     let (stream, written, result) =
         crate::write_batch::write_all(stream, std::mem::take(out), idle).await;
     *out = written;
+    if out.capacity() > KEEP_OUT {
+        // A kept-alive connection waits for its next request holding no
+        // more than a small answer's worth.
+        *out = Vec::with_capacity(KEEP_OUT);
+    }
     result?;
     Ok((stream, keep_alive))
 }
