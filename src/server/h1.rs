@@ -53,6 +53,11 @@ const WRITE_THROUGH: usize = 4 * 1024;
 /// Small chunks ready one after the other are gathered up to this much
 /// before they are written.
 const FLUSH_AT: usize = 64 * 1024;
+/// A body's last chunk goes out with the turn's batched writes, copied
+/// behind what is gathered, when the two together are no larger than this:
+/// a small answer in one batched write, without holding a copy of a large
+/// one per connection.
+const COPY_LAST: usize = 32 * 1024;
 /// The write buffer a connection keeps between requests, at most.
 const KEEP_OUT: usize = 4 * 1024;
 /// How long a closing connection keeps reading (and dropping) what the
@@ -324,9 +329,9 @@ async fn write_response(
                 continue;
             }
             encoder.before_data(out, data.len())?;
-            // The body's last chunk, when it fits, joins what is gathered
+            // The body's last chunk, when small, joins what is gathered
             // and goes out with the turn's other writes, in one batch.
-            let last = body.is_end_stream() && out.len() + data.len() <= FLUSH_AT;
+            let last = body.is_end_stream() && out.len() + data.len() <= COPY_LAST;
             if data.len() >= WRITE_THROUGH && !last {
                 // What is gathered (the head, framing) and the chunk go out
                 // in one system call, without copying the chunk.

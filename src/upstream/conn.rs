@@ -43,11 +43,13 @@ use crate::http1::{Decoded, Decoder, head};
 const MAX_HEAD: usize = 64 * 1024;
 /// Request bodies of known size up to this go out with the head, in one write.
 const COALESCE: u64 = 64 * 1024;
-/// How much the read buffer grows by. One read takes what a large body
-/// has in the socket: at 16 KiB, 256 KiB responses cost four times the
+/// How much the read buffer grows by, at least and at most: each
+/// connection learns its size from its reads ([`ReadSize`]). Large bodies
+/// read 64 KiB at a time: at 16 KiB, 256 KiB responses cost four times the
 /// reads (and frames, and writes to the client) and 40% more CPU per
 /// request (docs/performance.md, real payloads).
-const READ_CHUNK: usize = 64 * 1024;
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 64 * 1024;
 /// How long to look for an answer the instance sent before it stopped
 /// taking the request body.
 const EARLY_ANSWER: Duration = Duration::from_secs(1);
@@ -57,6 +59,8 @@ pub struct UpstreamConnection {
     io: TcpStream,
     /// Bytes read and not yet consumed.
     read: BytesMut,
+    /// How much the read buffer grows by next.
+    read_size: ReadSize,
     /// The generation of the upstream policy its address was checked
     /// against ([`super::policy::UpstreamPolicy::generation`]).
     pub(super) policy_generation: u64,
@@ -95,7 +99,19 @@ impl UpstreamConnection {
         Self {
             io,
             read: BytesMut::new(),
+            read_size: ReadSize::default(),
             policy_generation,
+        }
+    }
+
+    /// Lets go of a read buffer larger than the smallest, which holds
+    /// nothing between responses: an idle connection that last carried a
+    /// large body then costs its socket, not 64 KiB. Small buffers stay, so
+    /// small answers do not allocate one per request.
+    pub(super) fn trim_read_buffer(&mut self) {
+        if self.read.is_empty() && self.read.capacity() > READ_MIN {
+            self.read = BytesMut::new();
+            self.read_size.shrink();
         }
     }
 
@@ -245,8 +261,10 @@ impl UpstreamConnection {
             if let Some(head) = head::parse_response(&mut self.read, head_request, MAX_HEAD)? {
                 return Ok(head);
             }
-            let filled =
-                std::future::poll_fn(|cx| poll_fill(&mut self.io, &mut self.read, cx)).await?;
+            let filled = std::future::poll_fn(|cx| {
+                poll_fill(&mut self.io, &mut self.read, &mut self.read_size, cx)
+            })
+            .await?;
             if filled == 0 {
                 return Err("the connection closed before the response head".into());
             }
@@ -268,12 +286,96 @@ async fn stalled_after<T>(idle: Duration, future: impl Future<Output = T>) -> Re
 fn poll_fill(
     io: &mut TcpStream,
     read: &mut BytesMut,
+    size: &mut ReadSize,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     if read.capacity() - read.len() < 1024 {
-        read.reserve(READ_CHUNK);
+        read.reserve(size.next());
     }
-    tokio_util::io::poll_read_buf(Pin::new(io), cx, read)
+    let room = read.capacity() - read.len();
+    let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, read))?;
+    size.record(n, room);
+    Poll::Ready(Ok(n))
+}
+
+/// How much a connection's read buffer grows by, learned from its reads:
+/// [`READ_MIN`] to begin with, more once a read fills the room it had, and
+/// back to [`READ_MIN`] after two reads in a row of less than half of
+/// [`READ_MIN`]. A connection carrying small answers keeps 8 KiB; one
+/// carrying a large body reads [`READ_MAX`] at a time, if fewer than
+/// [`LARGE_READERS`] connections gateway-wide already do, else 16 KiB:
+/// a bound on the memory that many large bodies at once hold (at 512
+/// connections streaming 256 KiB answers, 64 KiB each made the peak RSS
+/// 86-95 MB).
+#[derive(Debug)]
+struct ReadSize {
+    next: usize,
+    /// The last read was small: one more and the size goes back down.
+    small: bool,
+    /// It holds one of the [`LARGE_READERS`].
+    large: bool,
+}
+
+/// Connections that may read [`READ_MAX`] at a time, gateway-wide.
+const LARGE_READERS: usize = 128;
+/// Connections reading [`READ_MAX`] at a time now.
+static LARGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// What a connection denied a large read size reads at a time.
+const READ_MID: usize = 16 * 1024;
+
+impl Default for ReadSize {
+    fn default() -> Self {
+        Self {
+            next: READ_MIN,
+            small: false,
+            large: false,
+        }
+    }
+}
+
+impl ReadSize {
+    fn next(&self) -> usize {
+        self.next
+    }
+
+    /// Learns from a read that took `n` bytes with `room` to take them.
+    fn record(&mut self, n: usize, room: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if n >= room {
+            self.small = false;
+            if self.large {
+                return;
+            }
+            if LARGE.fetch_add(1, Relaxed) < LARGE_READERS {
+                self.large = true;
+                self.next = READ_MAX;
+            } else {
+                LARGE.fetch_sub(1, Relaxed);
+                self.next = READ_MID;
+            }
+        } else if n < READ_MIN / 2 {
+            if self.small {
+                self.shrink();
+            }
+            self.small = !self.small;
+        } else {
+            self.small = false;
+        }
+    }
+
+    /// Back to the smallest size, giving up a large reader's place.
+    fn shrink(&mut self) {
+        if std::mem::take(&mut self.large) {
+            LARGE.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.next = READ_MIN;
+    }
+}
+
+impl Drop for ReadSize {
+    fn drop(&mut self) {
+        self.shrink();
+    }
 }
 
 /// A response body read straight from its connection, which goes back to
@@ -347,7 +449,13 @@ impl http_body::Body for UpstreamBody {
                     return Poll::Ready(None);
                 }
                 Decoded::NeedMore => {
-                    if ready!(poll_fill(&mut conn.io, &mut conn.read, cx))? == 0 {
+                    if ready!(poll_fill(
+                        &mut conn.io,
+                        &mut conn.read,
+                        &mut conn.read_size,
+                        cx
+                    ))? == 0
+                    {
                         this.decoder.end_of_input()?;
                         this.finish();
                         return Poll::Ready(None);
@@ -373,6 +481,58 @@ impl http_body::Body for UpstreamBody {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn the_read_size_goes_up_with_a_full_read_and_down_after_two_small_ones() {
+        let mut size = ReadSize::default();
+        assert_eq!(size.next(), READ_MIN);
+        size.record(100, READ_MIN);
+        size.record(100, READ_MIN);
+        assert_eq!(size.next(), READ_MIN);
+        size.record(READ_MIN, READ_MIN);
+        assert_eq!(size.next(), READ_MAX, "a full read: up to the largest");
+        size.record(100, READ_MAX);
+        assert_eq!(size.next(), READ_MAX, "one small read is not enough");
+        size.record(READ_MAX, READ_MAX);
+        size.record(100, READ_MAX);
+        assert_eq!(size.next(), READ_MAX, "a full read in between starts over");
+        size.record(100, READ_MAX);
+        assert_eq!(size.next(), READ_MIN);
+        size.record(READ_MIN, 2 * READ_MIN);
+        size.record(READ_MIN, 2 * READ_MIN);
+        assert_eq!(
+            size.next(),
+            READ_MIN,
+            "reads that are not small keep the size"
+        );
+    }
+
+    #[test]
+    fn only_so_many_connections_read_large_at_once() {
+        // Other tests' connections may hold places: count from what is free.
+        let mut sizes: Vec<ReadSize> = Vec::new();
+        loop {
+            let mut size = ReadSize::default();
+            size.record(READ_MIN, READ_MIN);
+            let large = size.next() == READ_MAX;
+            sizes.push(size);
+            if !large {
+                break;
+            }
+            assert!(sizes.len() <= LARGE_READERS, "no more than the limit");
+        }
+        assert_eq!(
+            sizes.last().unwrap().next(),
+            READ_MID,
+            "past the limit: 16 KiB"
+        );
+        // A place given up (a connection closed or back to small reads)
+        // goes to the next connection that needs it.
+        sizes.remove(0);
+        let mut size = ReadSize::default();
+        size.record(READ_MIN, READ_MIN);
+        assert_eq!(size.next(), READ_MAX);
+    }
 
     #[test]
     fn request_heads_take_their_framing_from_the_body() {

@@ -163,7 +163,8 @@ impl Pool {
     }
 
     /// Takes back a connection whose response was read to its end.
-    pub(super) fn checkin(&self, conn: UpstreamConnection) {
+    pub(super) fn checkin(&self, mut conn: UpstreamConnection) {
+        conn.trim_read_buffer();
         let mut idle = self.lock();
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
