@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use tokio::time::Instant;
 
+use super::checker::Slot;
 use super::health::{Health, HealthStatus};
 use super::validate::InstanceUrl;
 use crate::breaker::{Breaker, CircuitBreaker, CircuitBreakerLayer};
@@ -119,8 +120,8 @@ pub struct Instance {
     /// Cancelled when the instance is removed or the gateway stops: ends its
     /// health checker.
     stop: CancellationToken,
-    /// Whether its health checker has been started.
-    checked: Arc<AtomicBool>,
+    /// Where it stands in the health checks' schedule.
+    check_slot: Arc<Slot>,
     /// Its attempts by outcome (`/metrics`), shared by every snapshot.
     attempts: Arc<Attempts>,
 }
@@ -161,7 +162,7 @@ impl Instance {
             breaker,
             stack,
             stop,
-            checked: Arc::default(),
+            check_slot: Arc::default(),
         }
     }
 
@@ -187,7 +188,7 @@ impl Instance {
             stack: self.stack.clone(),
             stop: self.stop.clone(),
             attempts: self.attempts.clone(),
-            checked: self.checked.clone(),
+            check_slot: self.check_slot.clone(),
         }
     }
 
@@ -306,9 +307,9 @@ impl Instance {
         &self.stop
     }
 
-    /// Marks its health checker started; false if it already was.
-    pub(super) fn start_checks(&self) -> bool {
-        !self.checked.swap(true, Ordering::AcqRel)
+    /// Where it stands in the health checks' schedule.
+    pub(super) fn check_slot(&self) -> &Slot {
+        &self.check_slot
     }
 }
 

@@ -296,6 +296,7 @@ impl Registry {
                 }
             });
         }
+        self.checker.start();
         if let Some(mut removals) = self.checker.take_removals() {
             let registry = Arc::downgrade(self);
             tokio::spawn(async move {
@@ -687,7 +688,7 @@ impl Registry {
             let old = &service.instances[at];
             let url_changed = old.url() != &url;
             let instance = if url_changed {
-                old.stop_token().cancel();
+                self.checker.forget(old);
                 tracing::info!(
                     service = %record.service,
                     instance = %record.id,
@@ -791,8 +792,8 @@ impl Registry {
         }
     }
 
-    fn forget(&self, instance: &Instance) {
-        instance.stop_token().cancel();
+    fn forget(&self, instance: &Arc<Instance>) {
+        self.checker.forget(instance);
         if instance.disarm() {
             self.expiry
                 .clear(instance.service_name(), instance.id_name());

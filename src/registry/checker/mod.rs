@@ -2,35 +2,39 @@
 //! jitter, so instances registered together do not get checked in lockstep),
 //! the first one right at registration.
 //!
-//! Each instance has one small task; a semaphore bounds how many checks are
-//! on the wire at once, so 100 000 instances never mean 100 000 sockets.
-//! Each check opens its own connection and closes it (as HAProxy's checks
-//! do): keeping one idle between checks would hold a socket and its buffers
-//! per instance, some 8 KiB each across a large registry. A task ends when
-//! its instance's stop token is cancelled, which happens when the instance
-//! is removed and when the gateway shuts down.
+//! - [`schedule`]: one timer wheel holds every instance's next check and
+//!   starts each check when it is due, in a task of its own, once it holds
+//!   one of [`MAX_CONCURRENT_CHECKS`] permits: 100 000 instances never mean
+//!   100 000 sockets or tasks at once, and an instance between checks
+//!   costs a wheel entry, not a sleeping task.
+//! - [`kept`]: checks go over kept-alive connections, kept by address
+//!   between checks, a bounded number of them in all.
+//!
+//! Each check is ended early when its instance's stop token is cancelled,
+//! which happens when the instance is removed and when the gateway shuts
+//! down; the instance then leaves the wheel.
 //!
 //! Every check is recorded whole ([`LastCheck`]): when, whether it passed,
 //! the status when an HTTP answer came or else a short error (`connection
 //! refused`, `timeout`...), and how long it took; that is what an unhealthy
 //! instance's reason in the API is made of.
 //!
-//! The task reads its service's policy ([`LivePolicy`]) at every check, so
-//! a reload's path, timeout and thresholds apply from the next one. A
-//! reload also wakes every task: a shorter interval cuts the wait already
-//! running, and an interval of zero pauses the checks until a reload sets
-//! one again.
+//! A check reads its service's policy ([`LivePolicy`]) when it runs, so a
+//! reload's path, timeout and thresholds apply from the next one. A reload
+//! also watches every instance again: a shorter interval cuts the wait
+//! already running, and an interval of zero pauses the checks until a
+//! reload sets one again.
+
+mod kept;
+mod schedule;
 
 use std::borrow::Cow;
-use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use http::Method;
-use http_body_util::{BodyExt, Limited};
-use rand::RngExt;
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::time::Instant;
+use http::{Method, Response};
+use http_body_util::BodyExt;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::LivePolicy;
@@ -38,7 +42,10 @@ use super::health::{CheckResult, LastCheck};
 use super::instance::Instance;
 use crate::body;
 use crate::config::HealthCheckConfig;
-use crate::upstream::{Outbound, UpstreamError};
+use crate::upstream::{Outbound, PoolSettings, UpstreamBody, UpstreamError};
+use kept::Kept;
+use schedule::Schedule;
+pub use schedule::Slot;
 
 /// Checks on the wire at once, gateway-wide.
 pub const MAX_CONCURRENT_CHECKS: usize = 256;
@@ -57,21 +64,78 @@ pub struct HealthChecker {
     /// to remove ([`HealthChecker::take_removals`]).
     removals: mpsc::UnboundedSender<Removal>,
     removals_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<Removal>>>>,
-    /// Changed by every reload, for the tasks to look at their policy again.
-    reloads: Arc<watch::Sender<()>>,
+    schedule: Schedule<Watched>,
+    /// The wheel's end, until [`HealthChecker::start`] runs it.
+    wheel: Arc<Mutex<Option<schedule::Wheel<Watched>>>>,
+    kept: Arc<Kept>,
+}
+
+/// A checked instance and the policy cell of its service, which the
+/// instance's checks read when they run.
+#[derive(Clone)]
+struct Watched {
+    instance: Arc<Instance>,
+    /// `None` in what tells the wheel to forget the instance.
+    policy: Option<Arc<LivePolicy>>,
+}
+
+impl schedule::Checked for Watched {
+    fn interval(&self) -> Duration {
+        self.policy
+            .as_ref()
+            .map_or(Duration::ZERO, |policy| policy.load().health_check.interval)
+    }
+
+    fn stopped(&self) -> bool {
+        self.instance.stop_token().is_cancelled()
+    }
+
+    fn slot(&self) -> &Slot {
+        self.instance.check_slot()
+    }
 }
 
 impl HealthChecker {
-    /// `shutdown` is the gateway's: cancelling it ends every checker task.
+    /// `shutdown` is the gateway's: cancelling it ends every check.
     pub fn new(shutdown: CancellationToken) -> Self {
         let (removals, rx) = mpsc::unbounded_channel();
+        let (schedule, wheel) = Schedule::new();
         Self {
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS)),
             shutdown,
             removals,
             removals_rx: Arc::new(Mutex::new(Some(rx))),
-            reloads: Arc::new(watch::channel(()).0),
+            schedule,
+            wheel: Arc::new(Mutex::new(Some(wheel))),
+            kept: Arc::default(),
         }
+    }
+
+    /// Starts the periodic checks, on the current runtime, until the
+    /// gateway's shutdown; instances watched before are checked now.
+    /// Later calls do nothing.
+    pub fn start(&self) {
+        let wheel = self
+            .wheel
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(wheel) = wheel else {
+            return;
+        };
+        let checker = self.clone();
+        let run = schedule::run(wheel, self.permits.clone(), move |watched: Watched| {
+            let checker = checker.clone();
+            async move {
+                let Watched { instance, policy } = watched;
+                // The wheel starts only instances watched with a policy.
+                let Some(policy) = policy else { return };
+                let policy = policy.load_full();
+                let check = checker.check_holding_permit(&instance, &policy.health_check);
+                instance.stop_token().run_until_cancelled(check).await;
+            }
+        });
+        tokio::spawn(self.shutdown.clone().run_until_cancelled_owned(run));
     }
 
     /// The instances found unhealthy for their `deregister_after`, each
@@ -88,46 +152,50 @@ impl HealthChecker {
         self.shutdown.child_token()
     }
 
-    /// Starts checking `instance` periodically, first now, until its stop
-    /// token is cancelled. Does nothing when checks are disabled or already
-    /// running. The task shares its service's policy rather than copying
-    /// it: a large registry has one task per instance.
+    /// Checks `instance` periodically, first now, until its stop token is
+    /// cancelled; does nothing while its service's checks are off. Called
+    /// again (a reload does, for every instance), it cuts the wait to the
+    /// next check if the interval became shorter, pauses the checks if it
+    /// became zero, and resumes them at once if it no longer is.
     pub fn watch(&self, instance: Arc<Instance>, policy: Arc<LivePolicy>) {
-        if policy.load().health_check.interval.is_zero() || !instance.start_checks() {
-            return;
-        }
-        let checker = self.clone();
-        let stop = instance.stop_token().clone();
-        let reloads = self.reloads.subscribe();
-        tokio::spawn(async move {
-            let interval = || policy.load().health_check.interval;
-            let check = || {
-                let policy = policy.load_full();
-                let (checker, instance) = (&checker, &instance);
-                async move { checker.check(instance, &policy.health_check).await }
-            };
-            stop.run_until_cancelled(every(interval, reloads, check))
-                .await;
+        self.schedule.watch(Watched {
+            instance,
+            policy: Some(policy),
         });
     }
 
-    /// Tells every checker task that the policies may have changed.
-    pub fn reconfigured(&self) {
-        self.reloads.send_replace(());
+    /// Stops checking `instance` (cancels its stop token): it was removed,
+    /// or replaced by one at another URL.
+    pub fn forget(&self, instance: &Arc<Instance>) {
+        instance.stop_token().cancel();
+        self.schedule.forget(Watched {
+            instance: instance.clone(),
+            policy: None,
+        });
+    }
+
+    /// Connections kept between checks now (for tests and diagnostics).
+    pub fn kept_connections(&self) -> usize {
+        self.kept.count()
     }
 
     /// Runs one check of `instance` now, records it, and says whether it passed.
     pub async fn check(&self, instance: &Instance, config: &HealthCheckConfig) -> bool {
+        // The semaphore is never closed, so acquiring cannot fail.
+        let _permit = self.permits.acquire().await;
+        self.check_holding_permit(instance, config).await
+    }
+
+    /// [`HealthChecker::check`], for a caller holding one of the permits.
+    async fn check_holding_permit(&self, instance: &Instance, config: &HealthCheckConfig) -> bool {
         let check = {
-            // The semaphore is never closed, so acquiring cannot fail.
-            let _permit = self.permits.acquire().await;
             // Timed from here: waiting for a permit is not the instance's time.
             let at = SystemTime::now();
             let started = tokio::time::Instant::now();
             // Boxed: a connection's handshake makes this future a few KiB,
-            // and every instance's checker task would carry that size while
-            // it sleeps between checks; boxed, only running checks do.
-            let result = Box::pin(probe(instance, config)).await;
+            // and the wheel's task holds every instance's check future
+            // before it spawns it; boxed, only running checks carry that.
+            let result = Box::pin(probe(instance, config, &self.kept)).await;
             LastCheck {
                 at,
                 ok: matches!(result, CheckResult::Status(status) if (200..300).contains(&status)),
@@ -165,76 +233,28 @@ impl HealthChecker {
     }
 }
 
-/// Calls `check` now and then again every `interval()` ±10%, forever.
-/// Each change of `reloads` reads `interval()` again: a shorter one cuts
-/// the wait running, zero pauses the checks, and a paused loop given an
-/// interval checks at once.
-async fn every<I, F, Fut>(interval: I, mut reloads: watch::Receiver<()>, mut check: F)
-where
-    I: Fn() -> Duration,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    loop {
-        if !interval().is_zero() {
-            check().await;
-        }
-        let mut next = after(interval());
-        loop {
-            let sleep = tokio::time::sleep_until(next.unwrap_or_else(Instant::now));
-            tokio::select! {
-                () = sleep, if next.is_some() => break,
-                changed = reloads.changed() => {
-                    if changed.is_err() {
-                        // The checker is gone, and its reloads with it.
-                        return;
-                    }
-                    let Some(sooner) = after(interval()) else {
-                        next = None;
-                        continue;
-                    };
-                    match next {
-                        Some(at) => next = Some(at.min(sooner)),
-                        None => break,
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// When the next check is due, `interval` ±10% from now; none when checks
-/// are off.
-fn after(interval: Duration) -> Option<Instant> {
-    if interval.is_zero() {
-        return None;
-    }
-    let jitter = rand::rng().random_range(0.9..=1.1);
-    Some(Instant::now() + interval.mul_f64(jitter))
-}
-
 /// One `GET`, bounded by `timeout` from connect to the end of the body:
 /// the status when an answer came (any 2xx passes), else why none did.
-async fn probe(instance: &Instance, config: &HealthCheckConfig) -> CheckResult {
+async fn probe(instance: &Instance, config: &HealthCheckConfig, kept: &Arc<Kept>) -> CheckResult {
     let (path, query) = match config.path.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (config.path.as_str(), None),
     };
     let url = instance.url();
-    let fields = concat!(
-        "user-agent: switchyard/",
-        env!("CARGO_PKG_VERSION"),
-        "\r\nconnection: close\r\n"
-    );
-    let request = Outbound::new(
-        Method::GET,
-        &url.target(path, query),
-        url.host_header(),
-        fields.as_bytes(),
-        body::empty(),
-    );
+    let target = url.target(path, query);
+    let request = || {
+        let fields = concat!("user-agent: switchyard/", env!("CARGO_PKG_VERSION"), "\r\n");
+        Outbound::new(
+            Method::GET,
+            &target,
+            url.host_header(),
+            fields.as_bytes(),
+            body::empty(),
+        )
+    };
+    let settings = instance.pool().settings();
     let exchange = async {
-        let response = match instance.pool().send_once(request).await {
+        let response = match send(instance, request, kept, &settings).await {
             Ok(response) => response,
             Err(error) => return CheckResult::Error(describe(&error)),
         };
@@ -242,16 +262,53 @@ async fn probe(instance: &Instance, config: &HealthCheckConfig) -> CheckResult {
         if status.is_success() {
             // Read (a little of) the answer so the instance sees it
             // delivered; a huge or broken body still passes: the status is
-            // what counts.
-            let _ = Limited::new(response.into_body(), MAX_CHECK_BODY)
-                .collect()
-                .await;
+            // what counts. Read to its end, the connection is kept for
+            // the next check. A failing answer's body is not waited for:
+            // its status is the check's result, and its connection closes.
+            let mut body = response.into_body();
+            let mut left = MAX_CHECK_BODY;
+            let whole = loop {
+                match body.frame().await {
+                    None => break true,
+                    Some(Ok(frame)) => {
+                        let size = frame.data_ref().map_or(0, bytes::Bytes::len);
+                        let Some(rest) = left.checked_sub(size) else {
+                            break false;
+                        };
+                        left = rest;
+                    }
+                    Some(Err(_)) => break false,
+                }
+            };
+            if whole && let Some(conn) = body.into_connection() {
+                kept.keep(url.host_port(), conn, &settings);
+            }
         }
         CheckResult::Status(status.as_u16())
     };
     tokio::time::timeout(config.timeout, exchange)
         .await
         .unwrap_or(CheckResult::Error(Cow::Borrowed("timeout")))
+}
+
+/// Sends a check over a kept connection to the instance's address, or a
+/// new one. A kept connection the instance closed may not show it before
+/// the request goes out, so when the kept one gives no answer the check
+/// goes out again on a new connection: an instance that closes idle
+/// connections before the next check comes does not fail its checks.
+async fn send(
+    instance: &Instance,
+    request: impl Fn() -> Outbound,
+    kept: &Kept,
+    settings: &PoolSettings,
+) -> Result<Response<UpstreamBody>, UpstreamError> {
+    if let Some(conn) = kept.take(instance.url().host_port(), settings)
+        && let Ok(response) = conn.send(request(), None, settings.idle_timeout).await
+    {
+        return Ok(response);
+    }
+    let conn = instance.pool().open().await?;
+    Ok(conn.send(request(), None, settings.idle_timeout).await?)
 }
 
 /// A failed check's error in a few words: `connection refused`, `connect
@@ -274,111 +331,5 @@ fn describe(error: &UpstreamError) -> Cow<'static, str> {
         },
         // A check sends no body, so this cannot happen; say what it would be.
         UpstreamError::ClientBody(_) => Cow::Borrowed("request body failed"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    #[tokio::test(start_paused = true)]
-    async fn checks_first_at_once_then_every_interval_with_jitter() {
-        let start = Instant::now();
-        let times = std::sync::Mutex::new(Vec::new());
-        let stop = CancellationToken::new();
-        let (_reloads, rx) = watch::channel(());
-        let run = stop.run_until_cancelled(every(
-            || Duration::from_secs(10),
-            rx,
-            || {
-                times.lock().unwrap().push(start.elapsed());
-                async { true }
-            },
-        ));
-        // Ends by deadline: the loop itself never returns.
-        let _ = tokio::time::timeout(Duration::from_secs(100), run).await;
-        let times = times.into_inner().unwrap();
-        assert_eq!(times[0], Duration::ZERO);
-        assert!(times.len() >= 9 && times.len() <= 12, "{times:?}");
-        for pair in times.windows(2) {
-            let gap = pair[1] - pair[0];
-            assert!(
-                gap >= Duration::from_secs(9) && gap <= Duration::from_millis(11_001),
-                "gap {gap:?}"
-            );
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn cancelled_token_stops_the_loop() {
-        let calls = AtomicU32::new(0);
-        let stop = CancellationToken::new();
-        let (_reloads, rx) = watch::channel(());
-        let run = stop.run_until_cancelled(every(
-            || Duration::from_secs(1),
-            rx,
-            || {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { true }
-            },
-        ));
-        let canceller = async {
-            tokio::time::sleep(Duration::from_millis(2500)).await;
-            stop.cancel();
-        };
-        let (result, ()) = tokio::join!(run, canceller);
-        assert_eq!(result, None, "the loop ended by cancellation");
-        let seen = calls.load(Ordering::SeqCst);
-        assert!((2..=4).contains(&seen), "{seen}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_reload_cuts_the_wait_pauses_and_resumes_the_checks() {
-        let start = Instant::now();
-        let secs = Duration::from_secs;
-        let interval = std::sync::Mutex::new(secs(3600));
-        let times = std::sync::Mutex::new(Vec::new());
-        let (reloads, rx) = watch::channel(());
-        let run = every(
-            || *interval.lock().unwrap(),
-            rx,
-            || {
-                times.lock().unwrap().push(start.elapsed());
-                async { true }
-            },
-        );
-        let reload = |to: Duration| {
-            *interval.lock().unwrap() = to;
-            reloads.send_replace(());
-        };
-        let script = async {
-            tokio::time::sleep(secs(10)).await;
-            reload(secs(5));
-            tokio::time::sleep(secs(20)).await;
-            reload(Duration::ZERO);
-            tokio::time::sleep(secs(100)).await;
-            reload(secs(5));
-            tokio::time::sleep(secs(1)).await;
-        };
-        tokio::select! {
-            () = run => panic!("the loop never ends by itself"),
-            () = script => {}
-        }
-        let times = times.into_inner().unwrap();
-        assert_eq!(times[0], Duration::ZERO);
-        assert!(
-            (secs(14)..=secs(16)).contains(&times[1]),
-            "the hour's wait was cut to 5 s ±10% from the reload: {times:?}"
-        );
-        assert!(
-            !times.iter().any(|t| (secs(31)..secs(130)).contains(t)),
-            "paused: {times:?}"
-        );
-        assert_eq!(
-            times.last(),
-            Some(&secs(130)),
-            "resumed with a check at once: {times:?}"
-        );
     }
 }
