@@ -117,9 +117,8 @@ pub struct Instance {
     /// in one pool per worker thread, so a connection is only ever used by
     /// the thread that drives it.
     stack: InstanceStack,
-    /// Cancelled when the instance is removed or the gateway stops: ends its
-    /// health checker.
-    stop: CancellationToken,
+    /// The gateway's, cancelled when it stops: ends the instance's checks.
+    shutdown: CancellationToken,
     /// Where it stands in the health checks' schedule.
     check_slot: Arc<Slot>,
     /// Its attempts by outcome (`/metrics`), shared by every snapshot.
@@ -131,7 +130,7 @@ impl Instance {
         registered: Registered,
         breaker: Breaker,
         pools: Arc<[Arc<Pool>]>,
-        stop: CancellationToken,
+        shutdown: CancellationToken,
     ) -> Self {
         let Registered {
             id,
@@ -161,7 +160,7 @@ impl Instance {
             attempts: Arc::default(),
             breaker,
             stack,
-            stop,
+            shutdown,
             check_slot: Arc::default(),
         }
     }
@@ -186,7 +185,7 @@ impl Instance {
             health: self.health.clone(),
             breaker: self.breaker.clone(),
             stack: self.stack.clone(),
-            stop: self.stop.clone(),
+            shutdown: self.shutdown.clone(),
             attempts: self.attempts.clone(),
             check_slot: self.check_slot.clone(),
         }
@@ -303,8 +302,14 @@ impl Instance {
         self.stack.get_ref().get_ref().pool()
     }
 
-    pub(super) fn stop_token(&self) -> &CancellationToken {
-        &self.stop
+    pub(super) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Whether its checks have stopped for good: it was removed (or
+    /// replaced), or the gateway is stopping.
+    pub(super) fn is_stopped(&self) -> bool {
+        self.check_slot.is_removed() || self.shutdown.is_cancelled()
     }
 
     /// Where it stands in the health checks' schedule.

@@ -839,7 +839,7 @@ impl Registry {
             registered,
             breaker,
             pools,
-            self.checker.stop_token(),
+            self.checker.shutdown_token(),
         ))
     }
 
@@ -1027,10 +1027,10 @@ mod tests {
         })
         .await
         .unwrap();
-        assert!(a.stop_token().is_cancelled());
-        assert!(!b.stop_token().is_cancelled());
+        assert!(a.is_stopped());
+        assert!(!b.is_stopped());
         shutdown.cancel();
-        assert!(b.stop_token().is_cancelled());
+        assert!(b.is_stopped());
     }
 
     #[tokio::test]
@@ -1054,8 +1054,8 @@ mod tests {
         else {
             panic!("same id");
         };
-        assert!(old.stop_token().is_cancelled());
-        assert!(!new.stop_token().is_cancelled());
+        assert!(old.is_stopped());
+        assert!(!new.is_stopped());
         assert_eq!(r.instance_count(), 1);
     }
 

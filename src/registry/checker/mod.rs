@@ -10,9 +10,8 @@
 //! - [`kept`]: checks go over kept-alive connections, kept by address
 //!   between checks, a bounded number of them in all.
 //!
-//! Each check is ended early when its instance's stop token is cancelled,
-//! which happens when the instance is removed and when the gateway shuts
-//! down; the instance then leaves the wheel.
+//! An instance removed leaves the wheel at once (a check of it already
+//! running ends within its timeout); a shutdown ends every check.
 //!
 //! Every check is recorded whole ([`LastCheck`]): when, whether it passed,
 //! the status when an HTTP answer came or else a short error (`connection
@@ -87,7 +86,7 @@ impl schedule::Checked for Watched {
     }
 
     fn stopped(&self) -> bool {
-        self.instance.stop_token().is_cancelled()
+        self.instance.is_stopped()
     }
 
     fn slot(&self) -> &Slot {
@@ -132,7 +131,9 @@ impl HealthChecker {
                 let Some(policy) = policy else { return };
                 let policy = policy.load_full();
                 let check = checker.check_holding_permit(&instance, &policy.health_check);
-                instance.stop_token().run_until_cancelled(check).await;
+                // A removal stops the checks to come; the one running ends
+                // within its timeout. A shutdown ends it now.
+                instance.shutdown_token().run_until_cancelled(check).await;
             }
         });
         tokio::spawn(self.shutdown.clone().run_until_cancelled_owned(run));
@@ -147,13 +148,14 @@ impl HealthChecker {
             .take()
     }
 
-    /// A stop token for a new instance, cancelled with the gateway's.
-    pub fn stop_token(&self) -> CancellationToken {
-        self.shutdown.child_token()
+    /// The gateway's shutdown token, for a new instance: its checks end
+    /// with the gateway.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
-    /// Checks `instance` periodically, first now, until its stop token is
-    /// cancelled; does nothing while its service's checks are off. Called
+    /// Checks `instance` periodically, first now, until it is removed
+    /// ([`HealthChecker::forget`]) or the gateway stops; does nothing while its service's checks are off. Called
     /// again (a reload does, for every instance), it cuts the wait to the
     /// next check if the interval became shorter, pauses the checks if it
     /// became zero, and resumes them at once if it no longer is.
@@ -164,10 +166,10 @@ impl HealthChecker {
         });
     }
 
-    /// Stops checking `instance` (cancels its stop token): it was removed,
-    /// or replaced by one at another URL.
+    /// Stops checking `instance`, which was removed or replaced by one at
+    /// another URL; it leaves the wheel at once.
     pub fn forget(&self, instance: &Arc<Instance>) {
-        instance.stop_token().cancel();
+        instance.check_slot().remove();
         self.schedule.forget(Watched {
             instance: instance.clone(),
             policy: None,
