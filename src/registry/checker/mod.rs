@@ -2,7 +2,7 @@
 //! jitter, so instances registered together do not get checked in lockstep),
 //! the first one right at registration.
 //!
-//! - [`schedule`]: one timer wheel holds every instance's next check and
+//! - [`schedule`]: one timeline holds every instance's next check and
 //!   starts each check when it is due, in a task of its own, once it holds
 //!   one of [`MAX_CONCURRENT_CHECKS`] permits: 100 000 instances never mean
 //!   100 000 sockets or tasks at once, and an instance between checks

@@ -1,18 +1,19 @@
-//! When each instance is checked next: one timer wheel for every checked
+//! When each instance is checked next: one timeline for every checked
 //! instance, not a task each.
 //!
 //! A task per instance, sleeping between checks, cost some 500 bytes per
 //! instance while it slept (its future, its task, its reload receiver): 57
-//! MB across 100 000 instances. Here a single task owns a `DelayQueue`
-//! (tokio-util's timer wheel, as the TTL expiry uses) of the instances
-//! whose check is due later, about 80 bytes each, and spawns a check when
-//! one comes due, once it holds one of the checker's permits, so no more
-//! checks are spawned than may run at once.
+//! MB across 100 000 instances. Here a single task holds the instances
+//! whose check is due later by the millisecond they are due at (a
+//! `BTreeMap` of short vectors, some 20 bytes an instance, where
+//! tokio-util's `DelayQueue` took 72), and spawns a check when one comes
+//! due, once it holds one of the checker's permits, so no more checks are
+//! spawned than may run at once.
 //!
 //! Where an instance stands ([`Slot`]) is kept with the instance, shared
 //! by every snapshot of it, and only this task changes it: off (not
-//! scheduled: checks off, or stopped), due at a time (a key in the wheel),
-//! or running. The task is told ([`Schedule`]):
+//! scheduled: checks off, or stopped), due at a time, come due and waiting
+//! for a permit, or running. The task is told ([`Schedule`]):
 //!
 //! - `watch`: at registration, and for every instance at a reload. An
 //!   instance that is off is due at once (the first check runs right at
@@ -25,6 +26,7 @@
 //!   (read then, so a reload in between applies), unless it was stopped
 //!   meanwhile or the interval became zero.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,7 +35,6 @@ use std::time::Duration;
 use rand::RngExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
-use tokio_util::time::{DelayQueue, delay_queue};
 
 /// What the wheel needs to know of a checked instance.
 pub trait Checked: Clone + Send + 'static {
@@ -61,8 +62,10 @@ enum State {
     /// Not scheduled: checks off, stopped, or not yet watched.
     #[default]
     Off,
-    /// In the wheel under this key.
-    Due(delay_queue::Key),
+    /// In the wheel, due at this tick ([`Timeline`]).
+    Due(u64),
+    /// Come due, waiting for a permit.
+    Ready,
     /// A check of it is running.
     Running,
 }
@@ -147,84 +150,154 @@ where
     C: FnMut(E) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let mut queue: DelayQueue<E> = DelayQueue::new();
+    let mut timeline: Timeline<E> = Timeline::new();
+    // Come due, waiting for a permit, in order.
+    let mut ready: VecDeque<E> = VecDeque::new();
     let (done_tx, mut done) = mpsc::unbounded_channel::<E>();
     let mut permit: Option<OwnedSemaphorePermit> = None;
     loop {
+        let now = Instant::now();
+        while let Some(due) = timeline.pop_due(now) {
+            for instance in due {
+                instance.slot().set(State::Ready);
+                ready.push_back(instance);
+            }
+        }
+        if permit.is_some()
+            && let Some(instance) = ready.pop_front()
+        {
+            if instance.stopped() || instance.interval().is_zero() {
+                instance.slot().set(State::Off);
+                continue;
+            }
+            instance.slot().set(State::Running);
+            let held = permit.take();
+            let running = check(instance.clone());
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                running.await;
+                drop(held);
+                // The wheel is gone only when the gateway is stopping.
+                let _ = done.send(instance);
+            });
+            continue;
+        }
+        let next = timeline.next();
         tokio::select! {
             // Commands first: a burst of registrations is scheduled before
             // the checks it made due are started.
             biased;
             command = wheel.rx.recv() => match command {
                 None => return,
-                Some(Command::Watch(instance)) => watch(&mut queue, instance),
+                Some(Command::Watch(instance)) => watch(&mut timeline, instance),
                 Some(Command::Forget(instance)) => {
-                    if let State::Due(key) = instance.slot().get() {
-                        queue.try_remove(&key);
-                    }
-                    if instance.slot().get() != State::Running {
+                    if let State::Due(tick) = instance.slot().get() {
+                        timeline.remove(tick, instance.slot());
                         instance.slot().set(State::Off);
                     }
+                    // Ready or running: it is let go when it comes out.
                 }
             },
             Some(instance) = done.recv() => {
                 instance.slot().set(State::Off);
                 let interval = instance.interval();
                 if !instance.stopped() && !interval.is_zero() {
-                    let key = queue.insert_at(instance.clone(), after(interval));
-                    instance.slot().set(State::Due(key));
+                    let tick = timeline.insert(instance.clone(), after(interval));
+                    instance.slot().set(State::Due(tick));
                 }
             }
-            acquired = permits.clone().acquire_owned(), if permit.is_none() => {
+            acquired = permits.clone().acquire_owned(), if permit.is_none() && !ready.is_empty() => {
                 // The checker never closes its semaphore.
                 permit = acquired.ok();
             }
-            Some(due) = std::future::poll_fn(|cx| queue.poll_expired(cx)),
-                if permit.is_some() && !queue.is_empty() =>
-            {
-                let instance = due.into_inner();
-                if instance.stopped() || instance.interval().is_zero() {
-                    instance.slot().set(State::Off);
-                    continue;
-                }
-                instance.slot().set(State::Running);
-                let held = permit.take();
-                let running = check(instance.clone());
-                let done = done_tx.clone();
-                tokio::spawn(async move {
-                    running.await;
-                    drop(held);
-                    // The wheel is gone only when the gateway is stopping.
-                    let _ = done.send(instance);
-                });
-            }
+            () = tokio::time::sleep_until(next.unwrap_or(now)), if next.is_some() => {}
         }
     }
 }
 
 /// `instance` is watched: due now if off, else due no later than its
 /// interval from now, or off if its checks were turned off.
-fn watch<E: Checked>(queue: &mut DelayQueue<E>, instance: E) {
+fn watch<E: Checked>(timeline: &mut Timeline<E>, instance: E) {
     if instance.stopped() {
         return;
     }
     let interval = instance.interval();
     match instance.slot().get() {
         State::Off if !interval.is_zero() => {
-            let key = queue.insert_at(instance.clone(), Instant::now());
-            instance.slot().set(State::Due(key));
+            let tick = timeline.insert(instance.clone(), Instant::now());
+            instance.slot().set(State::Due(tick));
         }
-        State::Off | State::Running => {}
-        State::Due(key) => {
-            let Some(sooner) = (!interval.is_zero()).then(|| after(interval)) else {
-                queue.try_remove(&key);
+        State::Off | State::Ready | State::Running => {}
+        State::Due(tick) => {
+            if interval.is_zero() {
+                timeline.remove(tick, instance.slot());
                 instance.slot().set(State::Off);
                 return;
-            };
-            if sooner < queue.deadline(&key) {
-                queue.reset_at(&key, sooner);
+            }
+            let sooner = after(interval);
+            if timeline.tick(sooner) < tick
+                && let Some(instance) = timeline.remove(tick, instance.slot())
+            {
+                let tick = timeline.insert(instance.clone(), sooner);
+                instance.slot().set(State::Due(tick));
             }
         }
+    }
+}
+
+/// The instances due later, by the millisecond they are due at: about 20
+/// bytes an instance (a `DelayQueue` entry is some 72).
+struct Timeline<E> {
+    origin: Instant,
+    due: BTreeMap<u64, Vec<E>>,
+}
+
+impl<E: Checked> Timeline<E> {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            due: BTreeMap::new(),
+        }
+    }
+
+    /// The millisecond `at` falls in, rounded up: an instance is never
+    /// checked before its time.
+    fn tick(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.origin);
+        since.as_millis() as u64 + u64::from(!since.subsec_nanos().is_multiple_of(1_000_000))
+    }
+
+    /// Puts `instance` due at `at`; the tick it went under.
+    fn insert(&mut self, instance: E, at: Instant) -> u64 {
+        let tick = self.tick(at);
+        self.due.entry(tick).or_default().push(instance);
+        tick
+    }
+
+    /// Takes out the instance of `slot` due at `tick`.
+    fn remove(&mut self, tick: u64, slot: &Slot) -> Option<E> {
+        let due = self.due.get_mut(&tick)?;
+        let at = due.iter().position(|i| std::ptr::eq(i.slot(), slot))?;
+        let instance = due.swap_remove(at);
+        if due.is_empty() {
+            self.due.remove(&tick);
+        }
+        Some(instance)
+    }
+
+    /// When the first instance is due.
+    fn next(&self) -> Option<Instant> {
+        let (&tick, _) = self.due.first_key_value()?;
+        Some(self.origin + Duration::from_millis(tick))
+    }
+
+    /// The instances of the first tick, if it has come by `now`.
+    fn pop_due(&mut self, now: Instant) -> Option<Vec<E>> {
+        let (&tick, _) = self.due.first_key_value()?;
+        if self.origin + Duration::from_millis(tick) > now {
+            return None;
+        }
+        self.due.pop_first().map(|(_, due)| due)
     }
 }
 
