@@ -6,7 +6,7 @@
 //!   starts each check when it is due, in a task of its own, once it holds
 //!   one of [`MAX_CONCURRENT_CHECKS`] permits: 100 000 instances never mean
 //!   100 000 sockets or tasks at once, and an instance between checks
-//!   costs a wheel entry, not a sleeping task.
+//!   costs some 20 bytes there, not a sleeping task.
 //! - [`kept`]: checks go over kept-alive connections, kept by address
 //!   between checks, a bounded number of them in all.
 //!
@@ -155,10 +155,11 @@ impl HealthChecker {
     }
 
     /// Checks `instance` periodically, first now, until it is removed
-    /// ([`HealthChecker::forget`]) or the gateway stops; does nothing while its service's checks are off. Called
-    /// again (a reload does, for every instance), it cuts the wait to the
-    /// next check if the interval became shorter, pauses the checks if it
-    /// became zero, and resumes them at once if it no longer is.
+    /// ([`HealthChecker::forget`]) or the gateway stops; does nothing
+    /// while its service's checks are off. Called again (a reload does,
+    /// for every instance), it cuts the wait to the next check if the
+    /// interval became shorter, pauses the checks if it became zero, and
+    /// resumes them at once if it no longer is.
     pub fn watch(&self, instance: Arc<Instance>, policy: Arc<LivePolicy>) {
         self.schedule.watch(Watched {
             instance,
@@ -195,8 +196,9 @@ impl HealthChecker {
             let at = SystemTime::now();
             let started = tokio::time::Instant::now();
             // Boxed: a connection's handshake makes this future a few KiB,
-            // and the wheel's task holds every instance's check future
-            // before it spawns it; boxed, only running checks carry that.
+            // and `?refresh=true` makes a check future per instance of the
+            // service, waiting for permits; boxed, only running ones carry
+            // that.
             let result = Box::pin(probe(instance, config, &self.kept)).await;
             LastCheck {
                 at,
