@@ -119,8 +119,6 @@ pub struct Instance {
     stack: InstanceStack,
     /// The gateway's, cancelled when it stops: ends the instance's checks.
     shutdown: CancellationToken,
-    /// Where it stands in the health checks' schedule.
-    check_slot: Arc<Slot>,
     /// Its attempts by outcome (`/metrics`), shared by every snapshot.
     attempts: Arc<Attempts>,
 }
@@ -161,7 +159,6 @@ impl Instance {
             breaker,
             stack,
             shutdown,
-            check_slot: Arc::default(),
         }
     }
 
@@ -187,7 +184,6 @@ impl Instance {
             stack: self.stack.clone(),
             shutdown: self.shutdown.clone(),
             attempts: self.attempts.clone(),
-            check_slot: self.check_slot.clone(),
         }
     }
 
@@ -309,12 +305,12 @@ impl Instance {
     /// Whether its checks have stopped for good: it was removed (or
     /// replaced), or the gateway is stopping.
     pub(super) fn is_stopped(&self) -> bool {
-        self.check_slot.is_removed() || self.shutdown.is_cancelled()
+        self.health.check_slot().is_removed() || self.shutdown.is_cancelled()
     }
 
     /// Where it stands in the health checks' schedule.
     pub(super) fn check_slot(&self) -> &Slot {
-        &self.check_slot
+        self.health.check_slot()
     }
 }
 

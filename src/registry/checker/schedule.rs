@@ -28,8 +28,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::RngExt;
@@ -46,16 +46,16 @@ pub trait Checked: Clone + Send + 'static {
     fn slot(&self) -> &Slot;
 }
 
-/// Where one instance stands in the schedule, and whether it was removed.
-/// Shared by every snapshot of the instance; only the wheel's task changes
-/// where it stands.
+/// Where one instance stands in the schedule, and whether it was removed,
+/// in one word: the removal flag in the top bit, the [`State`] below.
+/// Kept in the instance's [`super::super::Health`], shared by every
+/// snapshot of the instance; only the wheel's task changes the state.
 #[derive(Debug, Default)]
-pub struct Slot {
-    state: Mutex<State>,
-    /// Set once, when the instance is removed or replaced: a flag, where a
-    /// child cancellation token each would cost some 130 bytes.
-    removed: AtomicBool,
-}
+pub struct Slot(AtomicU64);
+
+/// Set once, when the instance is removed or replaced: a flag, where a
+/// child cancellation token each would cost some 130 bytes.
+const REMOVED: u64 = 1 << 63;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -70,30 +70,47 @@ enum State {
     Running,
 }
 
+impl State {
+    fn encode(self) -> u64 {
+        match self {
+            Self::Off => 0,
+            Self::Ready => 1,
+            Self::Running => 2,
+            // Ticks are milliseconds since the wheel started: far below
+            // 2^62.
+            Self::Due(tick) => (tick + 3) & !REMOVED,
+        }
+    }
+
+    fn decode(word: u64) -> Self {
+        match word & !REMOVED {
+            0 => Self::Off,
+            1 => Self::Ready,
+            2 => Self::Running,
+            n => Self::Due(n - 3),
+        }
+    }
+}
+
 impl Slot {
     /// Marks the instance removed: it is checked no more.
     pub fn remove(&self) {
-        self.removed.store(true, Ordering::Relaxed);
+        self.0.fetch_or(REMOVED, Ordering::Relaxed);
     }
 
     pub fn is_removed(&self) -> bool {
-        self.removed.load(Ordering::Relaxed)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Only the wheel's task takes it, and it holds no invariant a
-        // panic could break.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0.load(Ordering::Relaxed) & REMOVED != 0
     }
 
     fn get(&self) -> State {
-        *self.lock()
+        State::decode(self.0.load(Ordering::Relaxed))
     }
 
     fn set(&self, state: State) {
-        *self.lock() = state;
+        // Only the wheel's task writes the state; a removal meanwhile only
+        // sets its bit, which both steps keep.
+        self.0.fetch_and(REMOVED, Ordering::Relaxed);
+        self.0.fetch_or(state.encode(), Ordering::Relaxed);
     }
 }
 
@@ -311,6 +328,7 @@ fn after(interval: Duration) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
     use std::sync::atomic::AtomicU32;
     use tokio_util::sync::CancellationToken;
 
@@ -353,6 +371,24 @@ mod tests {
             async {}
         });
         (schedule, run)
+    }
+
+    #[test]
+    fn a_slot_keeps_its_removal_through_every_state() {
+        let slot = Slot::default();
+        assert_eq!((slot.get(), slot.is_removed()), (State::Off, false));
+        slot.set(State::Due(0));
+        assert_eq!(slot.get(), State::Due(0));
+        slot.remove();
+        for state in [
+            State::Due(1 << 40),
+            State::Ready,
+            State::Running,
+            State::Off,
+        ] {
+            slot.set(state);
+            assert_eq!((slot.get(), slot.is_removed()), (state, true));
+        }
     }
 
     #[tokio::test(start_paused = true)]
