@@ -19,9 +19,9 @@
 //! 100 000 on three addresses of `benches/registry_scale.rs`) share the
 //! kept connections, and the checks running at once never hold more
 //! connections than there are check permits. Measured there, with the
-//! wheel of [`super::schedule`]: registering 100 000 instances with 30 s
-//! checks took 5.2-6.1 s against 8.3-12.0 s for the build that connected
-//! per check, alternated on one machine (docs/performance.md).
+//! timeline of [`super::schedule`]: registering 100 000 instances with
+//! 30 s checks took 3.5-4.3 s against 7.2-8.1 s for the build that
+//! connected per check, alternated on one machine (docs/performance.md).
 //!
 //! A kept connection is closed once idle for `proxy.pool_idle_timeout`, by
 //! a task that wakes when the oldest one's time is up, and it is not reused
