@@ -113,6 +113,7 @@ fn main() {
         let gateway = GatewayProcess::start(&format!(
             "[health_check]\ninterval = \"{checks}\"\n{config}"
         ));
+        let served = upstreams.served();
         let (took, _) = register_bodies(gateway.addr, bodies(&upstreams, SERVICES, extra), 16);
         let (rss, _) = gateway.memory_kib();
         println!(
@@ -121,6 +122,28 @@ fn main() {
             total as f64 / took.as_secs_f64(),
             rss as f64 / 1024.0
         );
+        if checks == "30s" {
+            // Idle memory with checks on: once every instance's first
+            // check has been answered (the upstreams count them), and a
+            // moment for the gateway to record the last ones.
+            let started = std::time::Instant::now();
+            while upstreams.served() < served + total as u64 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "{} of {total} first checks answered in 2 min",
+                    upstreams.served() - served
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let done = started.elapsed() + took;
+            std::thread::sleep(Duration::from_secs(1));
+            let (rss, _) = gateway.memory_kib();
+            println!(
+                "  first checks of all {total} answered {:.2} s after registering began; RSS then {:.1} MB",
+                done.as_secs_f64(),
+                rss as f64 / 1024.0
+            );
+        }
         if label == "memory, health checks off" {
             rss_without_ttl = rss;
         } else if !extra.is_empty() {

@@ -267,19 +267,177 @@ async fn shutdown_finishes_in_flight_requests_and_stops_checkers() {
 }
 
 #[tokio::test]
-async fn checks_close_their_connections() {
+async fn consecutive_checks_of_an_instance_go_over_one_connection() {
     let gw = TestGateway::start("[health_check]\ninterval = \"0s\"\n").await;
     let up = checked(200).await;
     gw.register("svc", &up.upstream.url()).await;
     for _ in 0..3 {
-        gw.get("/services/svc/health?refresh=true").await;
+        let reply = gw.get("/services/svc/health?refresh=true").await;
+        assert_eq!(reply.status, StatusCode::OK);
     }
     assert_eq!(up.checks.load(Ordering::SeqCst), 3);
-    assert_eq!(up.upstream.connections(), 3, "one connection per check");
+    assert_eq!(up.upstream.connections(), 1, "one connection, kept");
     let service = gw.gateway.registry().get("svc").unwrap();
     assert_eq!(
         service.instances()[0].pool().idle_count(),
         0,
-        "none kept idle"
+        "kept by the checker, not in the pool proxied calls use"
     );
+    assert_eq!(gw.gateway.registry().checker().kept_connections(), 1);
+}
+
+#[tokio::test]
+async fn periodic_checks_go_over_one_connection() {
+    let gw = TestGateway::start("[health_check]\ninterval = \"100ms\"\n").await;
+    let up = checked(200).await;
+    gw.register("svc", &up.upstream.url()).await;
+    eventually(Duration::from_secs(10), "four checks", || async {
+        up.checks.load(Ordering::SeqCst) >= 4
+    })
+    .await;
+    assert_eq!(up.upstream.connections(), 1);
+}
+
+#[tokio::test]
+async fn instances_at_one_address_share_the_kept_connections() {
+    let gw = TestGateway::start("[health_check]\ninterval = \"0s\"\n").await;
+    let up = checked(200).await;
+    for id in ["a", "b", "c"] {
+        let json = serde_json::json!({"name": "svc", "url": up.upstream.url(), "id": id});
+        assert_eq!(
+            gw.post_json("/services", &json).await.status,
+            StatusCode::CREATED
+        );
+    }
+    gw.get("/services/svc/health?refresh=true").await;
+    let first_round = up.upstream.connections();
+    assert!((1..=3).contains(&first_round), "{first_round}");
+    for _ in 0..3 {
+        gw.get("/services/svc/health?refresh=true").await;
+    }
+    assert_eq!(up.checks.load(Ordering::SeqCst), 12);
+    assert_eq!(
+        up.upstream.connections(),
+        first_round,
+        "later rounds open none"
+    );
+}
+
+/// What a raw upstream does with a kept connection after its first answer.
+#[derive(Clone, Copy)]
+enum AfterFirst {
+    /// Closes it at once: the gateway sees the close while it is idle.
+    Close,
+    /// Closes it when the next request arrives, unanswered: the close
+    /// could not be seen before the request went out.
+    CloseOnNext,
+}
+
+/// A raw HTTP/1.1 upstream answering `200 ok` (keep-alive) to the first
+/// request of each connection, then closing it as `after` says. Counts
+/// connections accepted, answers, and connections the gateway closed.
+struct Closing {
+    url: String,
+    accepted: Arc<AtomicUsize>,
+    answered: Arc<AtomicUsize>,
+    closed_by_peer: Arc<AtomicUsize>,
+    _task: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn closing(after: AfterFirst) -> Closing {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let closed_by_peer = Arc::new(AtomicUsize::new(0));
+    let (a, n, c) = (accepted.clone(), answered.clone(), closed_by_peer.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            a.fetch_add(1, Ordering::SeqCst);
+            let (n, c) = (n.clone(), c.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                let mut requests = 0;
+                loop {
+                    let read = stream.read(&mut buf).await.unwrap_or(0);
+                    if read == 0 {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..read]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        requests += 1;
+                        if requests > 1 {
+                            // CloseOnNext: the second request goes unanswered.
+                            return;
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        stream.write_all(answer).await.unwrap();
+                        n.fetch_add(1, Ordering::SeqCst);
+                        if matches!(after, AfterFirst::Close) {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Closing {
+        url,
+        accepted,
+        answered,
+        closed_by_peer,
+        _task: AbortOnDrop(task),
+    }
+}
+
+#[tokio::test]
+async fn a_kept_connection_the_instance_closed_is_replaced_and_the_check_passes() {
+    for after in [AfterFirst::Close, AfterFirst::CloseOnNext] {
+        // One failure would make the instance unhealthy.
+        let gw = TestGateway::start("[health_check]\ninterval = \"0s\"\nunhealthy_threshold = 1\n")
+            .await;
+        let up = closing(after).await;
+        gw.register("svc", &up.url).await;
+        for round in 1..=3 {
+            let reply = gw.get("/services/svc/health?refresh=true").await;
+            assert_eq!(reply.status, StatusCode::OK, "check {round} passed");
+            assert_eq!(reply.json()["instances"][0]["status"], "healthy");
+        }
+        assert_eq!(up.answered.load(Ordering::SeqCst), 3);
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 3, "one per check");
+    }
+}
+
+#[tokio::test]
+async fn a_kept_connection_is_closed_once_idle_for_the_pool_idle_timeout() {
+    let gw = TestGateway::start(
+        "[health_check]\ninterval = \"0s\"\n[proxy]\npool_idle_timeout = \"300ms\"\n",
+    )
+    .await;
+    let up = closing(AfterFirst::CloseOnNext).await;
+    gw.register("svc", &up.url).await;
+    let reply = gw.get("/services/svc/health?refresh=true").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(gw.gateway.registry().checker().kept_connections(), 1);
+    // No check comes again to notice it: the checker closes it by itself.
+    eventually(
+        Duration::from_secs(10),
+        "the kept connection closed",
+        || async { up.closed_by_peer.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+    assert_eq!(gw.gateway.registry().checker().kept_connections(), 0);
 }

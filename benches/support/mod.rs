@@ -8,6 +8,8 @@ use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -34,11 +36,15 @@ pub fn seconds() -> Option<u64> {
 /// Upstream servers answering `hello` to everything, on their own thread.
 pub struct Upstreams {
     pub addrs: Vec<SocketAddr>,
+    /// Requests answered so far, by all of them.
+    pub served: Arc<AtomicU64>,
 }
 
 impl Upstreams {
     pub fn start(count: usize) -> Self {
         let (tx, rx) = mpsc::channel();
+        let served = Arc::new(AtomicU64::new(0));
+        let counter = served.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -49,7 +55,7 @@ impl Upstreams {
                 for _ in 0..count {
                     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
                     addrs.push(listener.local_addr().expect("addr"));
-                    tokio::spawn(serve_hello(listener));
+                    tokio::spawn(serve_hello(listener, counter.clone()));
                 }
                 tx.send(addrs).expect("report addresses");
                 std::future::pending::<()>().await;
@@ -57,19 +63,29 @@ impl Upstreams {
         });
         Self {
             addrs: rx.recv().expect("upstreams started"),
+            served,
         }
+    }
+
+    /// Requests answered so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 }
 
-async fn serve_hello(listener: TcpListener) {
+async fn serve_hello(listener: TcpListener, served: Arc<AtomicU64>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let served = served.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|_request| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello\n"))))
+            let service = hyper::service::service_fn(|_request| {
+                served.fetch_add(1, Ordering::Relaxed);
+                async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello\n"))))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

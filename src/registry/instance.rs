@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use tokio::time::Instant;
 
+use super::checker::Slot;
 use super::health::{Health, HealthStatus};
 use super::validate::InstanceUrl;
 use crate::breaker::{Breaker, CircuitBreaker, CircuitBreakerLayer};
@@ -116,11 +117,8 @@ pub struct Instance {
     /// in one pool per worker thread, so a connection is only ever used by
     /// the thread that drives it.
     stack: InstanceStack,
-    /// Cancelled when the instance is removed or the gateway stops: ends its
-    /// health checker.
-    stop: CancellationToken,
-    /// Whether its health checker has been started.
-    checked: Arc<AtomicBool>,
+    /// The gateway's, cancelled when it stops: ends the instance's checks.
+    shutdown: CancellationToken,
     /// Its attempts by outcome (`/metrics`), shared by every snapshot.
     attempts: Arc<Attempts>,
 }
@@ -130,7 +128,7 @@ impl Instance {
         registered: Registered,
         breaker: Breaker,
         pools: Arc<[Arc<Pool>]>,
-        stop: CancellationToken,
+        shutdown: CancellationToken,
     ) -> Self {
         let Registered {
             id,
@@ -160,8 +158,7 @@ impl Instance {
             attempts: Arc::default(),
             breaker,
             stack,
-            stop,
-            checked: Arc::default(),
+            shutdown,
         }
     }
 
@@ -185,9 +182,8 @@ impl Instance {
             health: self.health.clone(),
             breaker: self.breaker.clone(),
             stack: self.stack.clone(),
-            stop: self.stop.clone(),
+            shutdown: self.shutdown.clone(),
             attempts: self.attempts.clone(),
-            checked: self.checked.clone(),
         }
     }
 
@@ -302,13 +298,19 @@ impl Instance {
         self.stack.get_ref().get_ref().pool()
     }
 
-    pub(super) fn stop_token(&self) -> &CancellationToken {
-        &self.stop
+    pub(super) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
     }
 
-    /// Marks its health checker started; false if it already was.
-    pub(super) fn start_checks(&self) -> bool {
-        !self.checked.swap(true, Ordering::AcqRel)
+    /// Whether its checks have stopped for good: it was removed (or
+    /// replaced), or the gateway is stopping.
+    pub(super) fn is_stopped(&self) -> bool {
+        self.health.check_slot().is_removed() || self.shutdown.is_cancelled()
+    }
+
+    /// Where it stands in the health checks' schedule.
+    pub(super) fn check_slot(&self) -> &Slot {
+        self.health.check_slot()
     }
 }
 

@@ -296,6 +296,7 @@ impl Registry {
                 }
             });
         }
+        self.checker.start();
         if let Some(mut removals) = self.checker.take_removals() {
             let registry = Arc::downgrade(self);
             tokio::spawn(async move {
@@ -687,7 +688,7 @@ impl Registry {
             let old = &service.instances[at];
             let url_changed = old.url() != &url;
             let instance = if url_changed {
-                old.stop_token().cancel();
+                self.checker.forget(old);
                 tracing::info!(
                     service = %record.service,
                     instance = %record.id,
@@ -791,8 +792,8 @@ impl Registry {
         }
     }
 
-    fn forget(&self, instance: &Instance) {
-        instance.stop_token().cancel();
+    fn forget(&self, instance: &Arc<Instance>) {
+        self.checker.forget(instance);
         if instance.disarm() {
             self.expiry
                 .clear(instance.service_name(), instance.id_name());
@@ -838,7 +839,7 @@ impl Registry {
             registered,
             breaker,
             pools,
-            self.checker.stop_token(),
+            self.checker.shutdown_token(),
         ))
     }
 
@@ -1026,10 +1027,10 @@ mod tests {
         })
         .await
         .unwrap();
-        assert!(a.stop_token().is_cancelled());
-        assert!(!b.stop_token().is_cancelled());
+        assert!(a.is_stopped());
+        assert!(!b.is_stopped());
         shutdown.cancel();
-        assert!(b.stop_token().is_cancelled());
+        assert!(b.is_stopped());
     }
 
     #[tokio::test]
@@ -1053,8 +1054,8 @@ mod tests {
         else {
             panic!("same id");
         };
-        assert!(old.stop_token().is_cancelled());
-        assert!(!new.stop_token().is_cancelled());
+        assert!(old.is_stopped());
+        assert!(!new.is_stopped());
         assert_eq!(r.instance_count(), 1);
     }
 

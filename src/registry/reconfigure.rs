@@ -97,8 +97,8 @@ impl Registry {
                 instance
                     .breaker()
                     .set_policy(&service.policy.circuit_breaker);
-                // Starts the checks of instances that had none, when a
-                // reload turns them on.
+                // Cuts, pauses or resumes the wait for its next check as
+                // the new interval says.
                 self.checker
                     .watch(instance.clone(), service.live_policy.clone());
             }
@@ -106,7 +106,6 @@ impl Registry {
         }
         drop(services);
         self.apply_statics(&old, statics);
-        self.checker.reconfigured();
     }
 
     /// Makes the static instances `statics`, where `old` had its own.

@@ -63,7 +63,7 @@ pub struct UpstreamConnection {
     read_size: ReadSize,
     /// The generation of the upstream policy its address was checked
     /// against ([`super::policy::UpstreamPolicy::generation`]).
-    pub(super) policy_generation: u64,
+    pub(crate) policy_generation: u64,
 }
 
 /// Why a request failed on a connection.
@@ -133,10 +133,21 @@ impl UpstreamConnection {
         }
     }
 
+    /// Lets go of the read buffer, which holds nothing between responses:
+    /// a connection kept idle for long then costs its socket, not 64 KiB.
+    pub fn shed_read_buffer(&mut self) {
+        if self.read.is_empty() {
+            self.read = BytesMut::new();
+            self.read_size.shrink();
+        }
+    }
+
     /// Sends `request` and reads the response head. The response body
     /// reads from this connection, and gives it back to `pool` (if any) at
-    /// its end. A streamed request body that the instance takes no byte of
-    /// for `idle_timeout` fails the exchange.
+    /// its end; without a pool, the body keeps it at its end for the caller
+    /// to take ([`UpstreamBody::into_connection`]). A streamed request body
+    /// that the instance takes no byte of for `idle_timeout` fails the
+    /// exchange.
     pub async fn send(
         mut self,
         request: Outbound,
@@ -414,12 +425,27 @@ impl UpstreamBody {
 
     fn finish(&mut self) {
         self.decoder = Decoder::Done;
-        if let Some(conn) = self.conn.take()
-            && self.reusable
-            && conn.read.is_empty()
-            && let Some(pool) = &self.pool
-        {
-            pool.checkin(conn);
+        let reusable = self.reusable && self.conn.as_ref().is_some_and(|c| c.read.is_empty());
+        match &self.pool {
+            Some(pool) if reusable => {
+                if let Some(conn) = self.conn.take() {
+                    pool.checkin(conn);
+                }
+            }
+            // Kept for whoever sent the request to take.
+            None if reusable => {}
+            _ => self.conn = None,
+        }
+    }
+
+    /// The connection, once a response sent without a pool has been read
+    /// to its end and may carry another request; else `None`, and the
+    /// connection is closed.
+    pub fn into_connection(mut self) -> Option<UpstreamConnection> {
+        if self.decoder.is_done() && self.pool.is_none() {
+            self.conn.take()
+        } else {
+            None
         }
     }
 }

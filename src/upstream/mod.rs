@@ -1,5 +1,7 @@
 //! Talking to instances: one pool of keep-alive HTTP/1.1 connections per
-//! instance, shared by proxied calls and health checks.
+//! instance for proxied calls. Health checks open their connections through
+//! it (one connect path, one upstream policy) and keep them on their own
+//! (`registry::checker`).
 //!
 //! A pool per instance (rather than one client keyed by authority) means no
 //! hashing and no shared lock on the hot path, and a connection goes back to

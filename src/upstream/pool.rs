@@ -124,16 +124,9 @@ impl Pool {
         Ok(conn.send(request, Some(self.clone()), idle).await?)
     }
 
-    /// Sends `request` on a connection of its own, closed afterwards: for
-    /// health checks, which come every `interval` per instance and would
-    /// otherwise hold one idle connection open per instance between checks.
-    pub async fn send_once(
-        &self,
-        request: Outbound,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let conn = self.open().await?;
-        let idle = self.settings.load().idle_timeout;
-        Ok(conn.send(request, None, idle).await?)
+    /// The settings it reads, the gateway's current ones.
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings.load_full()
     }
 
     /// Idle connections now (for tests and diagnostics).
@@ -174,7 +167,8 @@ impl Pool {
         }
     }
 
-    async fn open(&self) -> Result<UpstreamConnection, UpstreamError> {
+    /// A new connection to the instance, under the current settings.
+    pub async fn open(&self) -> Result<UpstreamConnection, UpstreamError> {
         let settings = self.settings.load_full();
         let stream = connect::connect(
             &self.host,
