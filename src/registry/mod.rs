@@ -818,10 +818,13 @@ impl Registry {
             service.name.clone(),
             id.clone(),
         );
+        // One copy of the host for the instance's pools, not one each: a
+        // large registry has a pool per instance and worker.
+        let host: Arc<str> = url.host().into();
         let pools = (0..self.pool_settings.load().workers.max(1))
             .map(|_| {
                 Arc::new(Pool::new(
-                    url.host(),
+                    host.clone(),
                     url.port(),
                     self.pool_settings.clone(),
                 ))

@@ -80,7 +80,7 @@ struct Idle {
 }
 
 pub struct Pool {
-    host: String,
+    host: Arc<str>,
     port: u16,
     settings: SharedPoolSettings,
     idle: Mutex<Vec<Idle>>,
@@ -97,9 +97,9 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub fn new(host: &str, port: u16, settings: SharedPoolSettings) -> Self {
+    pub fn new(host: Arc<str>, port: u16, settings: SharedPoolSettings) -> Self {
         Self {
-            host: host.to_string(),
+            host,
             port,
             settings,
             idle: Mutex::new(Vec::new()),
