@@ -135,11 +135,21 @@ impl Pool {
     }
 
     /// Drops idle connections past the idle timeout, closed by the
-    /// instance, or checked under upstream networks no longer in force.
+    /// instance, or checked under upstream networks no longer in force;
+    /// the others let go of a large read buffer.
     pub fn prune(&self) {
         let now = Instant::now();
         let settings = self.settings.load();
-        self.lock().retain_mut(|idle| fit(idle, now, &settings));
+        // Those that stay let go of a large read buffer: a connection
+        // kept busy keeps its own (and what it learned of its reads), one
+        // that waits between health checks costs its socket only.
+        self.lock().retain_mut(|idle| {
+            let keep = fit(idle, now, &settings);
+            if keep {
+                idle.conn.trim_read_buffer();
+            }
+            keep
+        });
     }
 
     /// The most recently used idle connection that is still fit for use.
@@ -156,8 +166,7 @@ impl Pool {
     }
 
     /// Takes back a connection whose response was read to its end.
-    pub(super) fn checkin(&self, mut conn: UpstreamConnection) {
-        conn.trim_read_buffer();
+    pub(super) fn checkin(&self, conn: UpstreamConnection) {
         let mut idle = self.lock();
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
