@@ -106,11 +106,9 @@ pub struct Instance {
     registered_at: SystemTime,
     /// The instance must renew within this long (SPEC §7).
     ttl: Option<Duration>,
-    /// When its TTL runs out, in milliseconds since [`epoch`]; shared by
-    /// every snapshot, like the live state below.
-    deadline: Arc<AtomicU64>,
-    /// An [`InstanceState`]; the picker reads it with one atomic load.
-    state: Arc<AtomicU8>,
+    /// Its TTL deadline, state and attempt counts, shared by every
+    /// snapshot.
+    live: Arc<Live>,
     health: Arc<Health>,
     breaker: Arc<Breaker>,
     /// Calls the instance: the breaker above, over keep-alive connections
@@ -119,8 +117,18 @@ pub struct Instance {
     stack: InstanceStack,
     /// The gateway's, cancelled when it stops: ends the instance's checks.
     shutdown: CancellationToken,
-    /// Its attempts by outcome (`/metrics`), shared by every snapshot.
-    attempts: Arc<Attempts>,
+}
+
+/// What changes while an instance lives, shared by every snapshot of it:
+/// one allocation an instance rather than one per counter.
+#[derive(Debug, Default)]
+struct Live {
+    /// When its TTL runs out, in milliseconds since [`epoch`].
+    deadline: AtomicU64,
+    /// An [`InstanceState`]; the picker reads it with one atomic load.
+    state: AtomicU8,
+    /// Its attempts by outcome (`/metrics`).
+    attempts: Attempts,
 }
 
 impl Instance {
@@ -152,10 +160,8 @@ impl Instance {
             metadata,
             registered_at,
             ttl,
-            deadline: Arc::default(),
-            state: Arc::default(),
+            live: Arc::default(),
             health: Arc::default(),
-            attempts: Arc::default(),
             breaker,
             stack,
             shutdown,
@@ -177,13 +183,11 @@ impl Instance {
             metadata,
             registered_at: self.registered_at,
             ttl,
-            deadline: self.deadline.clone(),
-            state: self.state.clone(),
+            live: self.live.clone(),
             health: self.health.clone(),
             breaker: self.breaker.clone(),
             stack: self.stack.clone(),
             shutdown: self.shutdown.clone(),
-            attempts: self.attempts.clone(),
         }
     }
 
@@ -207,20 +211,20 @@ impl Instance {
     pub(super) fn renew(&self, now: Instant) -> Option<Instant> {
         let deadline = now + self.ttl?;
         let ms = deadline.saturating_duration_since(epoch()).as_millis() as u64;
-        self.deadline.store(ms, Ordering::Relaxed);
+        self.live.deadline.store(ms, Ordering::Relaxed);
         Some(deadline)
     }
 
     /// Forgets its deadline; whether it had one (the TTL wheel then holds
     /// an entry to clear).
     pub(super) fn disarm(&self) -> bool {
-        self.deadline.swap(0, Ordering::Relaxed) != 0
+        self.live.deadline.swap(0, Ordering::Relaxed) != 0
     }
 
     /// Whether its TTL has run out at `now`.
     pub(super) fn expired(&self, now: Instant) -> bool {
         self.ttl.is_some()
-            && epoch() + Duration::from_millis(self.deadline.load(Ordering::Relaxed)) <= now
+            && epoch() + Duration::from_millis(self.live.deadline.load(Ordering::Relaxed)) <= now
     }
 
     /// Whether an operator took it out of rotation.
@@ -250,7 +254,7 @@ impl Instance {
 
     /// Active or draining.
     pub fn state(&self) -> InstanceState {
-        InstanceState::from_u8(self.state.load(Ordering::Relaxed))
+        InstanceState::from_u8(self.live.state.load(Ordering::Relaxed))
     }
 
     /// Sets the drain state, for this instance and every snapshot of it,
@@ -258,7 +262,8 @@ impl Instance {
     /// instance is skipped by the picker from the next request on; requests
     /// already sent to it finish.
     pub fn set_state(&self, state: InstanceState) -> InstanceState {
-        let previous = InstanceState::from_u8(self.state.swap(state.to_u8(), Ordering::Relaxed));
+        let previous =
+            InstanceState::from_u8(self.live.state.swap(state.to_u8(), Ordering::Relaxed));
         if previous != state {
             tracing::info!(
                 service = %self.service,
@@ -273,7 +278,7 @@ impl Instance {
 
     /// Its attempts by outcome.
     pub fn attempts(&self) -> &Attempts {
-        &self.attempts
+        &self.live.attempts
     }
 
     pub fn health(&self) -> &Health {
