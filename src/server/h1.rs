@@ -48,7 +48,8 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// How much the read buffer grows by while reading heads.
 const READ_CHUNK: usize = 8 * 1024;
 /// Response body chunks at least this large are written as they are,
-/// rather than copied behind the head (but for the body's last chunk).
+/// rather than copied behind the head (but for a last chunk within
+/// [`COPY_LAST`]).
 const WRITE_THROUGH: usize = 4 * 1024;
 /// Small chunks ready one after the other are gathered up to this much
 /// before they are written.
