@@ -104,17 +104,6 @@ impl UpstreamConnection {
         }
     }
 
-    /// Lets go of a read buffer larger than the smallest, which holds
-    /// nothing between responses: an idle connection that last carried a
-    /// large body then costs its socket, not 64 KiB. Small buffers stay, so
-    /// small answers do not allocate one per request.
-    pub(super) fn trim_read_buffer(&mut self) {
-        if self.read.is_empty() && self.read.capacity() > READ_MIN {
-            self.read = BytesMut::new();
-            self.read_size.shrink();
-        }
-    }
-
     /// Whether an idle connection is still fit for a request: nothing
     /// arrived while it sat idle, neither the instance closing it nor stray
     /// bytes. Costs no system call unless the socket became readable.
@@ -133,8 +122,9 @@ impl UpstreamConnection {
         }
     }
 
-    /// Lets go of the read buffer, which holds nothing between responses:
-    /// a connection kept idle for long then costs its socket, not 64 KiB.
+    /// Lets go of the read buffer, which holds nothing between responses,
+    /// and starts its reads small again: a connection kept idle for long
+    /// then costs its socket, not 64 KiB (nor a large reader's place).
     pub fn shed_read_buffer(&mut self) {
         if self.read.is_empty() {
             self.read = BytesMut::new();

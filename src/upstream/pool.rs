@@ -136,17 +136,17 @@ impl Pool {
 
     /// Drops idle connections past the idle timeout, closed by the
     /// instance, or checked under upstream networks no longer in force;
-    /// the others let go of a large read buffer.
+    /// the others let go of their read buffer.
     pub fn prune(&self) {
         let now = Instant::now();
         let settings = self.settings.load();
-        // Those that stay let go of a large read buffer: a connection
-        // kept busy keeps its own (and what it learned of its reads), one
-        // that waits between health checks costs its socket only.
+        // Those that stay let go of their read buffer: a connection kept
+        // busy keeps its own (and what it learned of its reads), one that
+        // waits between health checks costs its socket only.
         self.lock().retain_mut(|idle| {
             let keep = fit(idle, now, &settings);
             if keep {
-                idle.conn.trim_read_buffer();
+                idle.conn.shed_read_buffer();
             }
             keep
         });
