@@ -63,7 +63,7 @@ pub struct UpstreamConnection {
     read_size: ReadSize,
     /// The generation of the upstream policy its address was checked
     /// against ([`super::policy::UpstreamPolicy::generation`]).
-    pub(crate) policy_generation: u64,
+    pub(super) policy_generation: u64,
 }
 
 /// Why a request failed on a connection.

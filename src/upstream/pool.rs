@@ -144,7 +144,7 @@ impl Pool {
         // busy keeps its own (and what it learned of its reads), one that
         // waits between health checks costs its socket only.
         self.lock().retain_mut(|idle| {
-            let keep = fit(idle, now, &settings);
+            let keep = fit(&mut idle.conn, idle.since, now, &settings);
             if keep {
                 idle.conn.shed_read_buffer();
             }
@@ -158,7 +158,7 @@ impl Pool {
         let settings = self.settings.load();
         let mut idle = self.lock();
         while let Some(mut candidate) = idle.pop() {
-            if fit(&mut candidate, now, &settings) {
+            if fit(&mut candidate.conn, candidate.since, now, &settings) {
                 return Some(candidate.conn);
             }
         }
@@ -199,11 +199,20 @@ impl Pool {
     }
 }
 
-/// Whether an idle connection may take a request under `settings`.
-fn fit(idle: &mut Idle, now: Instant, settings: &PoolSettings) -> bool {
-    now - idle.since < settings.pool_idle_timeout
-        && idle.conn.policy_generation == settings.policy.generation()
-        && idle.conn.is_reusable()
+/// Whether a connection idle since `since` may take a request under
+/// `settings` at `now`: not idle past the timeout, its address checked
+/// under the upstream networks in force, and not closed by the instance
+/// meanwhile. The rule for every kept connection, pooled or kept for
+/// health checks.
+pub fn fit(
+    conn: &mut UpstreamConnection,
+    since: Instant,
+    now: Instant,
+    settings: &PoolSettings,
+) -> bool {
+    now - since < settings.pool_idle_timeout
+        && conn.policy_generation == settings.policy.generation()
+        && conn.is_reusable()
 }
 
 impl From<SendError> for UpstreamError {

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use tokio::time::Instant;
 
 use crate::upstream::conn::UpstreamConnection;
-use crate::upstream::pool::PoolSettings;
+use crate::upstream::pool::{self, PoolSettings};
 
 /// Connections kept between checks, in all.
 pub const MAX_KEPT: usize = 1024;
@@ -77,10 +77,7 @@ impl Kept {
         while let Some(at) = kept.iter().rposition(|i| i.worker == worker) {
             let mut candidate = kept.remove(at);
             *count -= 1;
-            if now - candidate.since < settings.pool_idle_timeout
-                && candidate.conn.policy_generation == settings.policy.generation()
-                && candidate.conn.is_reusable()
-            {
+            if pool::fit(&mut candidate.conn, candidate.since, now, settings) {
                 found = Some(candidate.conn);
                 break;
             }
