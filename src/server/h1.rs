@@ -344,7 +344,6 @@ async fn write_response(
                 .await?;
                 out.clear();
             } else {
-                out.reserve(data.len());
                 out.extend_from_slice(&data);
             }
             encoder.after_data(out);
@@ -379,6 +378,8 @@ async fn write_within(
     mut bytes: &mut [IoSlice<'_>],
     idle: Duration,
 ) -> Result<(), BoxError> {
+    // Leading empty slices (nothing gathered yet) are dropped first, so
+    // that a write of nothing is not mistaken for a client taking nothing.
     IoSlice::advance_slices(&mut bytes, 0);
     while !bytes.is_empty() {
         let written = tokio::time::timeout(idle, stream.write_vectored(bytes))
