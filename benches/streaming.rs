@@ -31,7 +31,6 @@ mod support;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::mpsc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -40,7 +39,7 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use support::{GatewayProcess, register_all};
 
@@ -133,30 +132,19 @@ where
 /// `POST /<rate>` reads the body (at `rate` bytes a second, 0 for as fast
 /// as it can) and answers how many bytes it got.
 fn start_instance() -> SocketAddr {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            tx.send(listener.local_addr().expect("addr"))
-                .expect("report the address");
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(instance);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-    });
-    rx.recv().expect("instance started")
+    support::serve_on_own_thread(1, |listener| async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(instance);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })[0]
 }
 
 type AnswerBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
@@ -214,11 +202,7 @@ enum Direction {
 
 /// One transfer through `gateway`; returns the bytes that arrived.
 fn transfer(gateway: SocketAddr, direction: Direction, framing: Framing, bytes: u64) -> u64 {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async move {
+    support::block_on(async move {
         let stream = TcpStream::connect(gateway).await.expect("connect");
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake::<_, Generated>(TokioIo::new(stream))

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -42,35 +43,52 @@ pub struct Upstreams {
 
 impl Upstreams {
     pub fn start(count: usize) -> Self {
-        let (tx, rx) = mpsc::channel();
         let served = Arc::new(AtomicU64::new(0));
         let counter = served.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let mut addrs = Vec::new();
-                for _ in 0..count {
-                    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                    addrs.push(listener.local_addr().expect("addr"));
-                    tokio::spawn(serve_hello(listener, counter.clone()));
-                }
-                tx.send(addrs).expect("report addresses");
-                std::future::pending::<()>().await;
-            });
+        let addrs = serve_on_own_thread(count, move |listener| {
+            serve_hello(listener, counter.clone())
         });
-        Self {
-            addrs: rx.recv().expect("upstreams started"),
-            served,
-        }
+        Self { addrs, served }
     }
 
     /// Requests answered so far.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
+}
+
+/// Binds `count` listeners on 127.0.0.1 and serves each with `serve` on a
+/// single-threaded runtime of a thread of their own, which runs as long as
+/// the process; gives their addresses back once they listen.
+pub fn serve_on_own_thread<S, F>(count: usize, serve: S) -> Vec<SocketAddr>
+where
+    S: Fn(TcpListener) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let mut addrs = Vec::new();
+            for _ in 0..count {
+                let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                addrs.push(listener.local_addr().expect("addr"));
+                tokio::spawn(serve(listener));
+            }
+            tx.send(addrs).expect("report addresses");
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv().expect("servers started")
+}
+
+/// Runs `future` to its end on a single-threaded runtime of the calling
+/// thread.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
 }
 
 async fn serve_hello(listener: TcpListener, served: Arc<AtomicU64>) {
@@ -209,11 +227,7 @@ pub fn register_bodies(
     bodies: Vec<String>,
     connections: usize,
 ) -> (Duration, Vec<Duration>) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async move {
+    block_on(async move {
         let started = Instant::now();
         let chunk = bodies.len().div_ceil(connections);
         let mut tasks = Vec::new();
@@ -302,12 +316,8 @@ pub fn load(
     warmup: Duration,
     duration: Duration,
 ) -> Load {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
     let path = path.to_string();
-    runtime.block_on(async move {
+    block_on(async move {
         let measure_from = Instant::now() + warmup;
         let until = measure_from + duration;
         let mut tasks = Vec::new();
