@@ -16,6 +16,9 @@
 //! their next request on. HTTP/2's header list limit is announced in the
 //! connection's settings, so it changes for new connections only.
 
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+mod defer;
 mod h1;
 mod h2;
 mod incoming;
@@ -59,6 +62,12 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     #[cfg(unix)]
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
+    // Accept a connection once its request has arrived (see `defer`); a
+    // kernel without it just accepts at the handshake.
+    #[cfg(target_os = "linux")]
+    if let Err(e) = defer::defer_accept(&socket) {
+        tracing::debug!(error = %e, "TCP_DEFER_ACCEPT not set");
+    }
     socket.listen(1024)
 }
 
@@ -172,8 +181,33 @@ mod tests {
     async fn accepted_connections_have_nodelay_from_the_listener() {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        // Spoken to, so that it is accepted at once (see the next test).
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"G")
+            .await
+            .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// On Linux a connection is accepted once its first bytes are in: of
+    /// two connections, the one that spoke is accepted first, though the
+    /// silent one finished its handshake before it. (The silent one waits
+    /// for about `defer::DEFER`, a second, far longer than this test.)
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn connections_are_accepted_once_they_have_spoken() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = TcpStream::connect(addr).await.unwrap();
+        let mut speaking = TcpStream::connect(addr).await.unwrap();
+        speaking.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let (mut accepted, remote) = listener.accept().await.unwrap();
+        assert_eq!(remote, speaking.local_addr().unwrap());
+        assert_ne!(remote, silent.local_addr().unwrap());
+        let mut first = [0u8; 3];
+        accepted.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"GET");
     }
 }

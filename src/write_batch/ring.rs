@@ -1,5 +1,6 @@
-//! The io_uring that sends a batch of writes in one system call: the one
-//! place in the crate that uses `unsafe`.
+//! The io_uring that sends a batch of writes in one system call: with one
+//! socket option in `server::defer`, the only place in the crate that
+//! uses `unsafe`.
 //!
 //! SAFETY, the whole argument. A submission names a socket (by file
 //! descriptor) and a buffer (by address and length), and the kernel reads
