@@ -205,6 +205,53 @@ async fn close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused
     assert_eq!(up.connections(), 3);
 }
 
+/// Bodies larger than one read, in every framing, written by the instance
+/// in pieces that end nowhere in particular: long chunks and short ones,
+/// a length, the end of the connection. Every byte arrives, in order.
+async fn large_bodies_in_every_framing_arrive_byte_for_byte(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let wire = {
+        let body = body.clone();
+        move |head: &str| {
+            let mut bytes = Vec::new();
+            if head.contains("/chunked") {
+                bytes.extend_from_slice(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                // Chunks longer than a read, then short ones.
+                for part in body[..280_000]
+                    .chunks(70_000)
+                    .chain(body[280_000..].chunks(900))
+                {
+                    bytes.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+                    bytes.extend_from_slice(part);
+                    bytes.extend_from_slice(b"\r\n");
+                }
+                bytes.extend_from_slice(b"0\r\n\r\n");
+            } else if head.contains("/length") {
+                bytes.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n");
+                bytes.extend_from_slice(&body);
+            } else {
+                bytes.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
+                bytes.extend_from_slice(&body);
+            }
+            Answer {
+                bytes,
+                close: head.contains("/close"),
+                chunk: 10_007,
+            }
+        }
+    };
+    let up = Scripted::start(wire).await;
+    gw.register("svc", &up.url).await;
+    for framing in ["chunked", "length", "close", "length"] {
+        let reply = gw.get(&format!("/call/svc/{framing}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{framing}");
+        assert!(reply.body[..] == body[..], "{framing}: the body differs");
+    }
+    // The length-framed and chunked answers left their connection reusable.
+    assert_eq!(up.connections(), 2);
+}
+
 async fn interim_responses_are_skipped(way: Way) {
     let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|_| {
@@ -582,6 +629,7 @@ each_way! {
     a_response_with_both_framing_headers_is_read_by_chunks_and_its_connection_dropped,
     bodiless_responses_keep_the_connection,
     close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused,
+    large_bodies_in_every_framing_arrive_byte_for_byte,
     interim_responses_are_skipped,
     broken_framing_from_an_upstream_is_a_502,
     a_response_cut_short_is_an_error_for_the_client,

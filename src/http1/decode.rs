@@ -87,6 +87,43 @@ impl Decoder {
         }
     }
 
+    /// How many bytes read next from the connection are body data as they
+    /// are, with no framing among them: a reader whose buffer is empty may
+    /// read up to this much and hand it on whole ([`Decoder::took`]).
+    /// `None` while framing comes next (a chunk-size line, the CRLF after
+    /// chunk data, trailers) or the body has ended.
+    pub fn raw_data(&self) -> Option<u64> {
+        match *self {
+            Self::Length(left) | Self::Chunked(Chunk::Data(left)) => Some(left),
+            Self::UntilClose => Some(u64::MAX),
+            Self::Chunked(_) | Self::Done => None,
+        }
+    }
+
+    /// Records `n` bytes of body data read past the decoder, as
+    /// [`Decoder::raw_data`] allowed.
+    pub fn took(&mut self, n: u64) {
+        match *self {
+            Self::Length(left) => {
+                debug_assert!(n <= left);
+                *self = if n >= left {
+                    Self::Done
+                } else {
+                    Self::Length(left - n)
+                };
+            }
+            Self::Chunked(Chunk::Data(left)) => {
+                debug_assert!(n <= left);
+                *self = Self::Chunked(if n >= left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - n)
+                });
+            }
+            Self::UntilClose | Self::Chunked(_) | Self::Done => {}
+        }
+    }
+
     /// Takes the next piece of body off the front of `buf`, leaving what
     /// follows the body there.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, DecodeError> {
@@ -257,6 +294,41 @@ fn chunk_size(line: &[u8]) -> Result<u64, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Data taken past the decoder leaves it where decoding the same bytes
+    /// would have: at the end of a length, at the CRLF after chunk data.
+    #[test]
+    fn raw_data_taken_past_the_decoder_moves_it_on_as_decoding_would() {
+        let mut length = Decoder::new(BodyLength::Length(10));
+        assert_eq!(length.raw_data(), Some(10));
+        length.took(4);
+        assert_eq!(length.raw_data(), Some(6));
+        length.took(6);
+        assert!(length.is_done());
+        assert_eq!(length.raw_data(), None);
+
+        let mut chunked = Decoder::new(BodyLength::Chunked);
+        assert_eq!(chunked.raw_data(), None, "a chunk-size line comes first");
+        let mut wire = BytesMut::from(&b"5\r\nhe"[..]);
+        assert_eq!(
+            chunked.decode(&mut wire),
+            Ok(Decoded::Data(Bytes::from_static(b"he")))
+        );
+        assert_eq!(chunked.raw_data(), Some(3));
+        chunked.took(3);
+        assert_eq!(
+            chunked.raw_data(),
+            None,
+            "the CRLF after the data comes next"
+        );
+        let mut rest = BytesMut::from(&b"\r\n0\r\n\r\n"[..]);
+        assert_eq!(chunked.decode(&mut rest), Ok(Decoded::Done));
+        assert!(rest.is_empty());
+
+        let mut until_close = Decoder::new(BodyLength::UntilClose);
+        until_close.took(1 << 20);
+        assert_eq!(until_close.raw_data(), Some(u64::MAX));
+    }
 
     /// Decodes `wire` fed whole and in every two-part split; returns the
     /// body and what followed it (the same every time).

@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 
 use super::Outbound;
 use super::pool::Pool;
+use super::recycle;
 use crate::body::{Body, BoxError};
 use crate::http1::encode::{self, Encoder};
 use crate::http1::{Decoded, Decoder, head};
@@ -299,6 +300,38 @@ fn poll_fill(
     Poll::Ready(Ok(n))
 }
 
+/// Body data at least this large still to come is read straight into a
+/// recycled buffer ([`super::recycle`]) rather than the connection's own.
+const DIRECT_MIN: u64 = READ_MIN as u64;
+
+/// Reads up to `want` bytes (at most [`recycle::SIZE`]) into a recycled
+/// buffer, taken only once the socket has something; `None` when the
+/// instance closed the connection.
+fn poll_direct(
+    io: &mut TcpStream,
+    want: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<Option<Bytes>>> {
+    loop {
+        ready!(io.poll_read_ready(cx))?;
+        let mut buf = recycle::take();
+        let room = want.min(buf.len());
+        match io.try_read(&mut buf[..room]) {
+            Ok(0) => {
+                recycle::give(buf);
+                return Poll::Ready(Ok(None));
+            }
+            Ok(n) => return Poll::Ready(Ok(Some(recycle::freeze(buf, n)))),
+            // The readiness was stale (and is cleared now): wait again.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => recycle::give(buf),
+            Err(e) => {
+                recycle::give(buf);
+                return Poll::Ready(Err(e));
+            }
+        }
+    }
+}
+
 /// How much a connection's read buffer grows by, learned from its reads:
 /// [`READ_MIN`] to begin with, more once a read fills the room it had, and
 /// back to [`READ_MIN`] after two reads in a row of less than half of
@@ -465,6 +498,26 @@ impl http_body::Body for UpstreamBody {
                     return Poll::Ready(None);
                 }
                 Decoded::NeedMore => {
+                    // Body data with no framing among it comes next: read
+                    // it into a recycled buffer and pass it on whole.
+                    if let Some(left) = this.decoder.raw_data().filter(|&n| n >= DIRECT_MIN) {
+                        debug_assert!(conn.read.is_empty());
+                        let want = usize::try_from(left).unwrap_or(usize::MAX);
+                        match ready!(poll_direct(&mut conn.io, want, cx))? {
+                            Some(data) => {
+                                this.decoder.took(data.len() as u64);
+                                if this.decoder.is_done() {
+                                    this.finish();
+                                }
+                                return Poll::Ready(Some(Ok(Frame::data(data))));
+                            }
+                            None => {
+                                this.decoder.end_of_input()?;
+                                this.finish();
+                                return Poll::Ready(None);
+                            }
+                        }
+                    }
                     if ready!(poll_fill(
                         &mut conn.io,
                         &mut conn.read,

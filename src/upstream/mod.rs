@@ -14,6 +14,7 @@
 //! - [`conn`]: one HTTP/1.1 connection, driven by the request's own task,
 //!   and the response body that reads from it.
 //! - [`pool`]: idle connections and their reuse.
+//! - [`recycle`]: the buffers large response bodies are read into.
 //! - [`timeout`]: one attempt's time limit, a tower layer.
 //! - [`PoolService`]: the pools of one instance as the innermost tower
 //!   service of its stack.
@@ -22,6 +23,7 @@ pub mod conn;
 pub mod connect;
 pub mod policy;
 pub mod pool;
+mod recycle;
 pub mod timeout;
 
 use std::future::Future;
