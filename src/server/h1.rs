@@ -48,12 +48,16 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// How much the read buffer grows by while reading heads.
 const READ_CHUNK: usize = 8 * 1024;
 /// Response body chunks at least this large are written as they are,
-/// rather than copied behind the head (but for a last chunk within
-/// [`COPY_LAST`]).
+/// rather than copied behind the head (but for a small answer's last chunk,
+/// within [`COPY_LAST`]).
 const WRITE_THROUGH: usize = 4 * 1024;
-/// Small chunks ready one after the other are gathered up to this much
-/// before they are written.
+/// Small chunks ready one after the other are copied together up to this
+/// much before they are written.
 const FLUSH_AT: usize = 64 * 1024;
+/// Large chunks ready one after the other are gathered, up to this many
+/// and this much in all, and written in one system call.
+const GATHER_CHUNKS: usize = 8;
+const GATHER_MAX: usize = 256 * 1024;
 /// A body's last chunk goes out with the turn's batched writes, copied
 /// behind what is gathered, when the two together are no larger than this:
 /// a small answer in one batched write, without holding a copy of a large
@@ -273,9 +277,11 @@ async fn linger(mut io: ClientIo) {
 /// the head went out fails the connection, since the message cannot be
 /// completed; a body that fails before anything was written is answered
 /// as the instance's broken response (502). Waiting for the body, and
-/// waiting for the client to take it, are each bounded by `idle`. What is
-/// left of the response when its body has ended goes out at the end of
-/// the turn, with the turn's other writes ([`crate::write_batch`]).
+/// waiting for the client to take it, are each bounded by `idle`. Large
+/// body chunks ready one after the other go out together, uncopied, in
+/// one vectored write; a small answer, once its body has ended, goes out
+/// at the end of the turn with the turn's other writes
+/// ([`crate::write_batch`]).
 async fn write_response(
     mut stream: TcpStream,
     response: Response<Body>,
@@ -302,6 +308,10 @@ async fn write_response(
     out.clear();
     let (mut encoder, keep_alive) =
         encode::response_head(out, parts.status, &parts.headers, size, answering);
+    // Large chunks ready one after the other, kept as they are, each with
+    // where in `out` it goes: they go out together with what is copied
+    // around them in one vectored write.
+    let mut chunks = Chunks::new();
     if encoder.has_body() {
         loop {
             let frame = match std::mem::replace(&mut ready, Poll::Pending) {
@@ -310,8 +320,7 @@ async fn write_response(
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
                         // Nothing more ready: send what is gathered, and wait.
-                        write_within(&mut stream, &mut [IoSlice::new(out)], idle).await?;
-                        out.clear();
+                        chunks.write(&mut stream, out, idle).await?;
                         tokio::time::timeout(idle, body.frame())
                             .await
                             .map_err(|_| "the response body made no progress for idle_timeout")?
@@ -330,40 +339,101 @@ async fn write_response(
                 continue;
             }
             encoder.before_data(out, data.len())?;
-            // The body's last chunk, when small, joins what is gathered
-            // and goes out with the turn's other writes, in one batch.
-            let last = body.is_end_stream() && out.len() + data.len() <= COPY_LAST;
+            // A small answer's last chunk joins what is gathered and goes
+            // out with the turn's other writes, in one batch.
+            let last =
+                chunks.is_empty() && body.is_end_stream() && out.len() + data.len() <= COPY_LAST;
             if data.len() >= WRITE_THROUGH && !last {
-                // What is gathered (the head, framing) and the chunk go out
-                // in one system call, without copying the chunk.
-                write_within(
-                    &mut stream,
-                    &mut [IoSlice::new(out), IoSlice::new(&data)],
-                    idle,
-                )
-                .await?;
-                out.clear();
+                chunks.push(out.len(), data);
             } else {
                 out.extend_from_slice(&data);
             }
             encoder.after_data(out);
-            if out.len() >= FLUSH_AT {
-                write_within(&mut stream, &mut [IoSlice::new(out)], idle).await?;
-                out.clear();
+            if out.len() >= FLUSH_AT || chunks.full(out.len()) {
+                chunks.write(&mut stream, out, idle).await?;
             }
         }
         encoder.finish(out)?;
     }
+    if !chunks.is_empty() {
+        // Large chunks are written now, with the little that follows them.
+        chunks.write(&mut stream, out, idle).await?;
+        shrink_out(out);
+        return Ok((stream, keep_alive));
+    }
     let (stream, written, result) =
         crate::write_batch::write_all(stream, std::mem::take(out), idle).await;
     *out = written;
-    if out.capacity() > KEEP_OUT {
-        // A kept-alive connection waits for its next request holding no
-        // more than a small answer's worth.
-        *out = Vec::with_capacity(KEEP_OUT);
-    }
+    shrink_out(out);
     result?;
     Ok((stream, keep_alive))
+}
+
+/// A kept-alive connection waits for its next request holding no more
+/// write buffer than a small answer's worth.
+fn shrink_out(out: &mut Vec<u8>) {
+    if out.capacity() > KEEP_OUT {
+        *out = Vec::with_capacity(KEEP_OUT);
+    }
+}
+
+/// Large body chunks gathered to go out in one vectored write with the
+/// bytes copied around them.
+struct Chunks {
+    /// Each chunk with the length `out` had when it came: where it goes.
+    chunks: [(usize, Bytes); GATHER_CHUNKS],
+    len: usize,
+    /// Their bytes, all together.
+    size: usize,
+}
+
+impl Chunks {
+    fn new() -> Self {
+        Self {
+            chunks: Default::default(),
+            len: 0,
+            size: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, at: usize, data: Bytes) {
+        self.size += data.len();
+        self.chunks[self.len] = (at, data);
+        self.len += 1;
+    }
+
+    /// Whether they should go out now, with `copied` bytes around them.
+    fn full(&self, copied: usize) -> bool {
+        self.len == GATHER_CHUNKS || self.size + copied >= GATHER_MAX
+    }
+
+    /// Writes the chunks and `out` around them, and clears both.
+    async fn write(
+        &mut self,
+        stream: &mut TcpStream,
+        out: &mut Vec<u8>,
+        idle: Duration,
+    ) -> Result<(), BoxError> {
+        let mut slices = [IoSlice::new(&[]); 2 * GATHER_CHUNKS + 1];
+        let mut from = 0;
+        for (i, (at, data)) in self.chunks[..self.len].iter().enumerate() {
+            slices[2 * i] = IoSlice::new(&out[from..*at]);
+            slices[2 * i + 1] = IoSlice::new(data);
+            from = *at;
+        }
+        slices[2 * self.len] = IoSlice::new(&out[from..]);
+        write_within(stream, &mut slices[..2 * self.len + 1], idle).await?;
+        out.clear();
+        // The chunks' buffers go back for the next reads.
+        self.chunks[..self.len].fill_with(Default::default);
+        self.len = 0;
+        self.size = 0;
+        Ok(())
+    }
 }
 
 /// The body's next frame if it is ready now.
