@@ -1,8 +1,9 @@
 //! The request body, kept so it can be sent again when it is small enough.
 //!
 //! A body of at most `max_replay_body_bytes` is read in full before the first
-//! attempt (as nginx buffers request bodies) and every attempt sends a copy:
-//! `Bytes` clones share one buffer. A larger body is streamed, never held
+//! attempt (as nginx buffers request bodies) and every attempt sends it
+//! again: the chunks are kept as they were read, shared by every attempt,
+//! never copied into one buffer. A larger body is streamed, never held
 //! whole in memory, and can be sent only once; it waits in a slot until an
 //! attempt's connection starts reading it, so an attempt that fails to
 //! connect (nothing sent) leaves it in place for the next one.
@@ -24,8 +25,8 @@ use crate::body::{self, Body, BoxError};
 
 /// The request body of one proxied request.
 pub enum RequestBody {
-    /// Empty or read in full: every attempt sends a copy.
-    Buffered(Bytes),
+    /// Empty or read in full: every attempt sends it.
+    Buffered(Kept),
     /// Too large to keep: sent at most once.
     Streamed { slot: Arc<Mutex<Option<Body>>> },
 }
@@ -49,7 +50,7 @@ impl RequestBody {
     {
         // Most requests have no body: nothing to read or box.
         if declared_length == Some(0) || body.is_end_stream() {
-            return Ok(Self::Buffered(Bytes::new()));
+            return Ok(Self::Buffered(Kept::default()));
         }
         let mut body = body::boxed(body);
         if declared_length.is_some_and(|len| len > max_replay) {
@@ -73,18 +74,10 @@ impl RequestBody {
                 return Ok(Self::streamed(rest));
             }
         }
-        let bytes = match chunks.len() {
-            0 => Bytes::new(),
-            1 => chunks.pop_front().unwrap_or_default(),
-            _ => {
-                let mut all = Vec::with_capacity(total as usize);
-                for chunk in chunks {
-                    all.extend_from_slice(&chunk);
-                }
-                Bytes::from(all)
-            }
-        };
-        Ok(Self::Buffered(bytes))
+        Ok(Self::Buffered(Kept {
+            chunks: chunks.into_iter().collect(),
+            len: total,
+        }))
     }
 
     fn streamed(body: Body) -> Self {
@@ -105,8 +98,7 @@ impl RequestBody {
     /// when it streams; `None` once a streamed body has been sent.
     pub fn for_attempt(&self) -> Option<(Body, Option<UploadDone>)> {
         match self {
-            Self::Buffered(bytes) if bytes.is_empty() => Some((body::empty(), None)),
-            Self::Buffered(bytes) => Some((body::full(bytes.clone()), None)),
+            Self::Buffered(kept) => Some((kept.body(), None)),
             Self::Streamed { slot } => {
                 if lock(slot).is_none() {
                     return None;
@@ -120,6 +112,71 @@ impl RequestBody {
                 Some((body::boxed(once), Some(upload)))
             }
         }
+    }
+}
+
+/// A body read in full: its chunks as they came.
+#[derive(Debug, Clone, Default)]
+pub struct Kept {
+    chunks: Arc<[Bytes]>,
+    len: u64,
+}
+
+impl Kept {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The body for one attempt: the kept chunks, not copied, with their
+    /// exact length.
+    fn body(&self) -> Body {
+        match &self.chunks[..] {
+            _ if self.is_empty() => body::empty(),
+            [one] => body::full(one.clone()),
+            _ => body::boxed(Replayed {
+                kept: self.clone(),
+                next: 0,
+                left: self.len,
+            }),
+        }
+    }
+}
+
+/// One attempt's pass over a [`Kept`] body.
+struct Replayed {
+    kept: Kept,
+    /// The next chunk to send.
+    next: usize,
+    /// The bytes from there on.
+    left: u64,
+}
+
+impl http_body::Body for Replayed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let Some(chunk) = self.kept.chunks.get(self.next).cloned() else {
+            return Poll::Ready(None);
+        };
+        self.next += 1;
+        self.left -= chunk.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next >= self.kept.chunks.len()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
     }
 }
 
@@ -248,10 +305,13 @@ mod tests {
     async fn small_bodies_are_buffered_and_replayed() {
         let body = RequestBody::read(chunks(3, 10), None, 64).await.unwrap();
         assert!(matches!(body, RequestBody::Buffered(ref b) if b.len() == 30));
+        let expected: Vec<u8> = (0..3u8).flat_map(|i| vec![i; 10]).collect();
         for _ in 0..3 {
             let (attempt, upload) = body.for_attempt().unwrap();
             assert!(upload.is_none());
-            assert_eq!(bytes_of(attempt).await.len(), 30);
+            // The upstream connection frames the body by its exact size.
+            assert_eq!(http_body::Body::size_hint(&attempt).exact(), Some(30));
+            assert_eq!(bytes_of(attempt).await, expected);
         }
         assert!(body.replayable());
     }
