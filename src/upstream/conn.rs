@@ -45,10 +45,9 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Request bodies of known size up to this go out with the head, in one write.
 const COALESCE: u64 = 64 * 1024;
 /// How much the read buffer grows by, at least and at most: each
-/// connection learns its size from its reads ([`ReadSize`]). Large bodies
-/// read 64 KiB at a time: at 16 KiB, 256 KiB responses cost four times the
-/// reads (and frames, and writes to the client) and 40% more CPU per
-/// request (docs/performance.md, real payloads).
+/// connection learns its size from its reads ([`ReadSize`]). The buffer
+/// takes heads, framing and what comes with them; a body's data beyond
+/// that is read into recycled buffers ([`poll_direct`]).
 const READ_MIN: usize = 8 * 1024;
 const READ_MAX: usize = 64 * 1024;
 /// How long to look for an answer the instance sent before it stopped
@@ -337,10 +336,10 @@ fn poll_direct(
 /// back to [`READ_MIN`] after two reads in a row of less than half of
 /// [`READ_MIN`]. A connection carrying small answers keeps 8 KiB; one
 /// carrying a large body reads [`READ_MAX`] at a time, if fewer than
-/// [`LARGE_READERS`] connections gateway-wide already do, else 16 KiB:
-/// a bound on the memory that many large bodies at once hold (at 512
-/// connections streaming 256 KiB answers, 64 KiB each made the peak RSS
-/// 86-95 MB).
+/// [`LARGE_READERS`] connections gateway-wide already do, else 32 KiB
+/// ([`READ_MID`]): a bound on the memory that many connections at once
+/// hold (at 512 connections streaming 256 KiB answers, 64 KiB each made
+/// the peak RSS 86-95 MB). 32 KiB takes a 16 KiB answer in one read.
 #[derive(Debug)]
 struct ReadSize {
     next: usize,
@@ -355,7 +354,7 @@ const LARGE_READERS: usize = 128;
 /// Connections reading [`READ_MAX`] at a time now.
 static LARGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// What a connection denied a large read size reads at a time.
-const READ_MID: usize = 16 * 1024;
+const READ_MID: usize = 32 * 1024;
 
 impl Default for ReadSize {
     fn default() -> Self {
@@ -593,7 +592,7 @@ mod tests {
         assert_eq!(
             sizes.last().unwrap().next(),
             READ_MID,
-            "past the limit: 16 KiB"
+            "past the limit: 32 KiB"
         );
         // A place given up (a connection closed or back to small reads)
         // goes to the next connection that needs it.
