@@ -113,7 +113,11 @@ pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError
             if io.buf.capacity() - io.buf.len() < 1024 {
                 io.buf.reserve(READ_CHUNK);
             }
+            // The read first: when the request is already there (as on a
+            // connection accepted once its first bytes arrived), the timer
+            // and the shutdown waiter are never polled, so never registered.
             tokio::select! {
+                biased;
                 n = io.stream.read_buf(&mut io.buf) => if n? == 0 {
                     return Ok(Ended::Closed);
                 },
