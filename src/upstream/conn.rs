@@ -460,6 +460,25 @@ impl UpstreamBody {
         }
     }
 
+    /// Hands on a piece of body the decoder has counted; at the body's end
+    /// the connection goes back.
+    fn data(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.decoder.is_done() {
+            self.finish();
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    /// The instance closed the connection: the end of a body that runs
+    /// until then, an error for one cut short.
+    fn closed(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Err(e) = self.decoder.end_of_input() {
+            return Poll::Ready(Some(Err(e.into())));
+        }
+        self.finish();
+        Poll::Ready(None)
+    }
+
     /// The connection, once a response sent without a pool has been read
     /// to its end and may carry another request; else `None`, and the
     /// connection is closed.
@@ -486,12 +505,7 @@ impl http_body::Body for UpstreamBody {
                 return Poll::Ready(None);
             };
             match this.decoder.decode(&mut conn.read)? {
-                Decoded::Data(data) => {
-                    if this.decoder.is_done() {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
+                Decoded::Data(data) => return this.data(data),
                 Decoded::Done => {
                     this.finish();
                     return Poll::Ready(None);
@@ -502,20 +516,13 @@ impl http_body::Body for UpstreamBody {
                     if let Some(left) = this.decoder.raw_data().filter(|&n| n >= DIRECT_MIN) {
                         debug_assert!(conn.read.is_empty());
                         let want = usize::try_from(left).unwrap_or(usize::MAX);
-                        match ready!(poll_direct(&mut conn.io, want, cx))? {
+                        return match ready!(poll_direct(&mut conn.io, want, cx))? {
                             Some(data) => {
                                 this.decoder.took(data.len() as u64);
-                                if this.decoder.is_done() {
-                                    this.finish();
-                                }
-                                return Poll::Ready(Some(Ok(Frame::data(data))));
+                                this.data(data)
                             }
-                            None => {
-                                this.decoder.end_of_input()?;
-                                this.finish();
-                                return Poll::Ready(None);
-                            }
-                        }
+                            None => this.closed(),
+                        };
                     }
                     if ready!(poll_fill(
                         &mut conn.io,
@@ -524,9 +531,7 @@ impl http_body::Body for UpstreamBody {
                         cx
                     ))? == 0
                     {
-                        this.decoder.end_of_input()?;
-                        this.finish();
-                        return Poll::Ready(None);
+                        return this.closed();
                     }
                 }
             }
