@@ -308,6 +308,39 @@ async fn a_response_cut_short_is_an_error_for_the_client(way: Way) {
     assert!(!whole);
 }
 
+/// The same for a body larger than one read, cut inside its data: by a
+/// length and inside a long chunk.
+async fn a_large_response_cut_short_is_an_error_for_the_client(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let up = Scripted::start(|head| {
+        let mut bytes = if head.contains("/chunked") {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n11170\r\n".to_vec()
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n".to_vec()
+        };
+        bytes.extend(std::iter::repeat_n(b'x', 30_000));
+        Answer {
+            bytes,
+            close: true,
+            chunk: 10_007,
+        }
+    })
+    .await;
+    gw.register("svc", &up.url).await;
+    for framing in ["length", "chunked"] {
+        let request = http::Request::get(gw.url(&format!("/call/svc/{framing}")))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let whole = match gw.caller.response(request).await {
+            Ok(response) => http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        assert!(!whole, "{framing}");
+    }
+}
+
 async fn an_idle_connection_the_upstream_closed_is_not_used(way: Way) {
     let gw = TestGateway::start_way(QUIET, way).await;
     // Answers keep-alive, then closes the idle connection soon after.
@@ -633,6 +666,7 @@ each_way! {
     interim_responses_are_skipped,
     broken_framing_from_an_upstream_is_a_502,
     a_response_cut_short_is_an_error_for_the_client,
+    a_large_response_cut_short_is_an_error_for_the_client,
     an_idle_connection_the_upstream_closed_is_not_used,
     an_early_answer_to_a_large_upload_is_passed_back,
     a_content_length_with_a_sign_is_a_broken_response,
