@@ -300,6 +300,37 @@ async fn max_connections_makes_new_connections_wait(way: Way) {
     assert!(reply.contains("{\"status\":\"ok\"}"), "{reply}");
 }
 
+/// On Linux a connection that has sent nothing is not accepted yet (the
+/// listener defers accept until the first bytes, for about a second), so
+/// it holds no slot: with `max_connections = 1` and a silent connection
+/// open, a request on a new connection, HTTP/1.1 and then HTTP/2, is
+/// answered at once. Were the silent one accepted, the request would wait
+/// for its `header_read_timeout` (30 s here).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_silent_connection_holds_no_connection_slot() {
+    let gw = TestGateway::start_on_bound(&format!(
+        "{QUIET}[limits]\nmax_connections = 1\nheader_read_timeout = \"30s\"\n"
+    ))
+    .await;
+    let _silent = TcpStream::connect(gw.addr).await.unwrap();
+    let mut http1 = gw.raw().await;
+    http1
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (reply, _) = read_until_close(&mut http1, Duration::from_secs(10)).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    drop(http1);
+    let mut sender = common::h2_connection(gw.addr).await;
+    let (status, _) =
+        tokio::time::timeout(Duration::from_secs(10), h2_get(&mut sender, "/healthz"))
+            .await
+            .expect("answered while the silent connection waits")
+            .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
 async fn h2_get(
     sender: &mut hyper::client::conn::http2::SendRequest<common::AnyBody>,
     path: &str,

@@ -433,9 +433,26 @@ impl TestGateway {
         Self::start_with(toml, Some(seed), Some(way)).await
     }
 
+    /// Starts the gateway on the listening socket the binary makes
+    /// (`server::bind`: on Linux `TCP_NODELAY` inherited and accept
+    /// deferred until a connection's first bytes), not a plain one.
+    pub async fn start_on_bound(toml: &str) -> Self {
+        let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        Self::start_on(listener, toml, None, None).await
+    }
+
     async fn start_with(toml: &str, seed: Option<u64>, way: Option<Way>) -> Self {
-        let mut config = Config::from_toml(toml).expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, toml, seed, way).await
+    }
+
+    async fn start_on(
+        listener: TcpListener,
+        toml: &str,
+        seed: Option<u64>,
+        way: Option<Way>,
+    ) -> Self {
+        let mut config = Config::from_toml(toml).expect("test config is valid");
         let addr = listener.local_addr().unwrap();
         // The gateway must know where it really listens (its own address is
         // outside the upstream policy).
