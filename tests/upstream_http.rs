@@ -252,6 +252,42 @@ async fn large_bodies_in_every_framing_arrive_byte_for_byte(way: Way) {
     assert_eq!(up.connections(), 2);
 }
 
+async fn an_upload_of_small_and_large_chunks_arrives_byte_for_byte(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    // The instance answers with the body it received.
+    let up = common::Upstream::start(|request: http::Request<hyper::body::Incoming>| async move {
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        common::response(200, body)
+    })
+    .await;
+    gw.register("svc", &up.url()).await;
+    // A known length under 64 KiB goes out with the request head in one
+    // write: small chunks copied behind it, large ones placed between
+    // them. Over HTTP/2 the chunks arrive as they were sent (up to a
+    // frame's 16 KiB); over HTTP/1 the head's 5 000 bytes of padding leave
+    // less than 4 KiB of body in the gateway's first read.
+    let sizes = [1_000, 10_000, 300, 20_000, 2_000, 30_000, 10];
+    let body: Vec<u8> = (0..sizes.iter().sum::<usize>() as u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let (feed, piped) = common::piped();
+    let mut at = 0;
+    for size in sizes {
+        feed.send(bytes::Bytes::copy_from_slice(&body[at..at + size]));
+        at += size;
+    }
+    feed.finish();
+    let request = http::Request::post(gw.url("/call/svc/upload"))
+        .header("content-length", body.len())
+        .header("x-padding", "p".repeat(5_000))
+        .body(piped)
+        .unwrap();
+    let reply = gw.send(request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body.len(), body.len());
+    assert!(reply.body[..] == body[..], "the body differs");
+}
+
 async fn interim_responses_are_skipped(way: Way) {
     let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|_| {
@@ -663,6 +699,7 @@ each_way! {
     bodiless_responses_keep_the_connection,
     close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused,
     large_bodies_in_every_framing_arrive_byte_for_byte,
+    an_upload_of_small_and_large_chunks_arrives_byte_for_byte,
     interim_responses_are_skipped,
     broken_framing_from_an_upstream_is_a_502,
     a_response_cut_short_is_an_error_for_the_client,

@@ -21,7 +21,6 @@
 //! A connection whose first bytes are the HTTP/2 preface is handed to
 //! hyper's HTTP/2 server before anything is parsed ([`super::h2`]).
 
-use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
@@ -42,27 +41,22 @@ use crate::error::{ErrorCode, GatewayError};
 use crate::http1::Decoder;
 use crate::http1::encode::{self, Answering};
 use crate::http1::head::{self, BodyLength, HeadError, RequestHead};
+use crate::write_batch::{Gathered, Pieces, write_now};
 
 /// The first bytes of every HTTP/2 connection with prior knowledge.
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// How much the read buffer grows by while reading heads.
 const READ_CHUNK: usize = 8 * 1024;
 /// Response body chunks at least this large are written as they are,
-/// rather than copied behind the head (but for a small answer's last chunk,
-/// within [`COPY_LAST`]).
+/// rather than copied behind the head.
 const WRITE_THROUGH: usize = 4 * 1024;
 /// Small chunks ready one after the other are copied together up to this
 /// much before they are written.
 const FLUSH_AT: usize = 64 * 1024;
-/// Large chunks ready one after the other are gathered, up to this many
-/// and this much in all, and written in one system call.
-const GATHER_CHUNKS: usize = 8;
+/// Large chunks ready one after the other are gathered, up to
+/// [`crate::write_batch::Pieces`]' count and this much in all, and written
+/// in one system call.
 const GATHER_MAX: usize = 256 * 1024;
-/// A body's last chunk goes out with the turn's batched writes, copied
-/// behind what is gathered, when the two together are no larger than this:
-/// a small answer in one batched write, without holding a copy of a large
-/// one per connection.
-const COPY_LAST: usize = 32 * 1024;
 /// The write buffer a connection keeps between requests, at most.
 const KEEP_OUT: usize = 4 * 1024;
 /// How long a closing connection keeps reading (and dropping) what the
@@ -283,9 +277,9 @@ async fn linger(mut io: ClientIo) {
 /// as the instance's broken response (502). Waiting for the body, and
 /// waiting for the client to take it, are each bounded by `idle`. Large
 /// body chunks ready one after the other go out together, uncopied, in
-/// one vectored write; a small answer, once its body has ended, goes out
-/// at the end of the turn with the turn's other writes
-/// ([`crate::write_batch`]).
+/// one vectored write; an answer that is whole once its body has ended
+/// goes out at the end of the turn with the turn's other writes, its large
+/// chunks uncopied too ([`crate::write_batch`]).
 async fn write_response(
     mut stream: TcpStream,
     response: Response<Body>,
@@ -315,7 +309,8 @@ async fn write_response(
     // Large chunks ready one after the other, kept as they are, each with
     // where in `out` it goes: they go out together with what is copied
     // around them in one vectored write.
-    let mut chunks = Chunks::new();
+    let mut chunks = Pieces::new();
+    let mut streamed = false;
     if encoder.has_body() {
         loop {
             let frame = match std::mem::replace(&mut ready, Poll::Pending) {
@@ -324,7 +319,8 @@ async fn write_response(
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
                         // Nothing more ready: send what is gathered, and wait.
-                        chunks.write(&mut stream, out, idle).await?;
+                        flush(&mut stream, out, &mut chunks, idle).await?;
+                        streamed = true;
                         tokio::time::timeout(idle, body.frame())
                             .await
                             .map_err(|_| "the response body made no progress for idle_timeout")?
@@ -343,31 +339,34 @@ async fn write_response(
                 continue;
             }
             encoder.before_data(out, data.len())?;
-            // A small answer's last chunk joins what is gathered and goes
-            // out with the turn's other writes, in one batch.
-            let last =
-                chunks.is_empty() && body.is_end_stream() && out.len() + data.len() <= COPY_LAST;
-            if data.len() >= WRITE_THROUGH && !last {
+            if data.len() >= WRITE_THROUGH {
                 chunks.push(out.len(), data);
             } else {
                 out.extend_from_slice(&data);
             }
             encoder.after_data(out);
-            if out.len() >= FLUSH_AT || chunks.full(out.len()) {
-                chunks.write(&mut stream, out, idle).await?;
+            if out.len() >= FLUSH_AT || chunks.is_full() || chunks.size() + out.len() >= GATHER_MAX
+            {
+                flush(&mut stream, out, &mut chunks, idle).await?;
+                streamed = true;
             }
         }
         encoder.finish(out)?;
     }
-    if !chunks.is_empty() {
-        // Large chunks are written now, with the little that follows them.
-        chunks.write(&mut stream, out, idle).await?;
+    if streamed {
+        // An answer already partly out ends now: the batch is for answers
+        // whole in one write.
+        flush(&mut stream, out, &mut chunks, idle).await?;
         shrink_out(out);
         return Ok((stream, keep_alive));
     }
-    let (stream, written, result) =
-        crate::write_batch::write_all(stream, std::mem::take(out), idle).await;
-    *out = written;
+    // The rest goes out at the end of the turn, with the turn's other writes.
+    let write = Gathered {
+        buf: std::mem::take(out),
+        pieces: chunks,
+    };
+    let (stream, written, result) = crate::write_batch::write_all(stream, write, idle).await;
+    *out = written.buf;
     shrink_out(out);
     result?;
     Ok((stream, keep_alive))
@@ -381,88 +380,21 @@ fn shrink_out(out: &mut Vec<u8>) {
     }
 }
 
-/// Large body chunks gathered to go out in one vectored write with the
-/// bytes copied around them.
-struct Chunks {
-    /// Each chunk with the length `out` had when it came: where it goes.
-    chunks: [(usize, Bytes); GATHER_CHUNKS],
-    len: usize,
-    /// Their bytes, all together.
-    size: usize,
-}
-
-impl Chunks {
-    fn new() -> Self {
-        Self {
-            chunks: Default::default(),
-            len: 0,
-            size: 0,
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn push(&mut self, at: usize, data: Bytes) {
-        self.size += data.len();
-        self.chunks[self.len] = (at, data);
-        self.len += 1;
-    }
-
-    /// Whether they should go out now, with `copied` bytes around them.
-    fn full(&self, copied: usize) -> bool {
-        self.len == GATHER_CHUNKS || self.size + copied >= GATHER_MAX
-    }
-
-    /// Writes the chunks and `out` around them, and clears both.
-    async fn write(
-        &mut self,
-        stream: &mut TcpStream,
-        out: &mut Vec<u8>,
-        idle: Duration,
-    ) -> Result<(), BoxError> {
-        let mut slices = [IoSlice::new(&[]); 2 * GATHER_CHUNKS + 1];
-        let mut from = 0;
-        for (i, (at, data)) in self.chunks[..self.len].iter().enumerate() {
-            slices[2 * i] = IoSlice::new(&out[from..*at]);
-            slices[2 * i + 1] = IoSlice::new(data);
-            from = *at;
-        }
-        slices[2 * self.len] = IoSlice::new(&out[from..]);
-        write_within(stream, &mut slices[..2 * self.len + 1], idle).await?;
-        out.clear();
-        // The chunks' buffers go back for the next reads.
-        self.chunks[..self.len].fill_with(Default::default);
-        self.len = 0;
-        self.size = 0;
-        Ok(())
-    }
-}
-
 /// The body's next frame if it is ready now.
 async fn poll_ready_frame(body: &mut Body) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
 }
 
-/// Writes all of `bytes`, in as few system calls as the socket allows,
-/// giving up when the client takes none of them for `idle`.
-async fn write_within(
+/// Writes `out` and the chunks placed in it now, and clears both.
+async fn flush(
     stream: &mut TcpStream,
-    mut bytes: &mut [IoSlice<'_>],
+    out: &mut Vec<u8>,
+    chunks: &mut Pieces,
     idle: Duration,
 ) -> Result<(), BoxError> {
-    // Leading empty slices (nothing gathered yet) are dropped first, so
-    // that a write of nothing is not mistaken for a client taking nothing.
-    IoSlice::advance_slices(&mut bytes, 0);
-    while !bytes.is_empty() {
-        let written = tokio::time::timeout(idle, stream.write_vectored(bytes))
-            .await
-            .map_err(|_| "the client took no response bytes for idle_timeout")??;
-        if written == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
-        }
-        IoSlice::advance_slices(&mut bytes, written);
-    }
+    write_now(stream, out, chunks, 0, idle).await?;
+    out.clear();
+    // The chunks' buffers go back for the next reads.
+    chunks.clear();
     Ok(())
 }

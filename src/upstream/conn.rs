@@ -39,11 +39,15 @@ use super::recycle;
 use crate::body::{Body, BoxError};
 use crate::http1::encode::{self, Encoder};
 use crate::http1::{Decoded, Decoder, head};
+use crate::write_batch::Gathered;
 
 /// Response heads larger than this are an error.
 const MAX_HEAD: usize = 64 * 1024;
 /// Request bodies of known size up to this go out with the head, in one write.
 const COALESCE: u64 = 64 * 1024;
+/// Chunks of such a body at least this large go out as they are, rather
+/// than copied behind the head.
+const PIECE_MIN: usize = 4 * 1024;
 /// How much the read buffer grows by, at least and at most: each
 /// connection learns its size from its reads ([`ReadSize`]). The buffer
 /// takes heads, framing and what comes with them; a body's data beyond
@@ -155,15 +159,22 @@ impl UpstreamConnection {
         let size = body.size_hint().exact();
         let fields_end = head.len();
         let mut encoder = encode::request_framing(&mut head, size, declare_empty);
-        // A small body of known size is read whole and goes out right
-        // behind the head, copied once, straight into the head's buffer.
+        // A body of known size up to COALESCE is read whole and goes out
+        // with the head, in one write: its small chunks copied behind the
+        // head, its large ones as they are (`Pieces`).
+        let mut write = Gathered::of(head);
         let inline = match size {
             Some(n) if n <= COALESCE => {
-                let body_start = head.len();
-                head.reserve(n as usize);
+                let body_start = write.buf.len();
+                // Room for a body that is all copied.
+                write.buf.reserve((n as usize).min(PIECE_MIN));
                 while let Some(frame) = body.frame().await {
                     if let Ok(chunk) = frame.map_err(SendError::ClientBody)?.into_data() {
-                        head.extend_from_slice(&chunk);
+                        if chunk.len() >= PIECE_MIN && !write.pieces.is_full() {
+                            write.pieces.push(write.buf.len(), chunk);
+                        } else {
+                            write.buf.extend_from_slice(&chunk);
+                        }
                     }
                 }
                 Some(body_start)
@@ -173,14 +184,20 @@ impl UpstreamConnection {
         // The request goes out at the end of the event loop's turn, with
         // the others of that turn: an instance then wakes once for the
         // batch, not once per request.
-        let (io, written_head, written) =
-            crate::write_batch::write_all(self.io, head, idle_timeout).await;
+        let (io, written, result) =
+            crate::write_batch::write_all(self.io, write, idle_timeout).await;
         self.io = io;
-        head = written_head;
-        if let Err(e) = written {
+        let Gathered {
+            buf: mut head,
+            pieces,
+        } = written;
+        if let Err(e) = result {
             // The connection was dead before anything of ours got through.
             let body = match inline {
-                Some(body_start) => crate::body::full(Bytes::copy_from_slice(&head[body_start..])),
+                Some(body_start) => {
+                    let all = Bytes::from(pieces.joined(&head));
+                    crate::body::full(all.slice(body_start..))
+                }
                 None => body,
             };
             head.truncate(fields_end);
@@ -193,6 +210,7 @@ impl UpstreamConnection {
             };
             return Err(SendError::Unsent(Box::new(request), e));
         }
+        drop(pieces);
         drop(head);
         if inline.is_none() {
             match self.write_body(body, &mut encoder, idle_timeout).await {
@@ -640,11 +658,44 @@ mod tests {
         );
     }
 
+    /// A body of known size in the given chunks.
+    struct Frames(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|data| Ok(Frame::data(data))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.0.iter().map(|data| data.len() as u64).sum())
+        }
+    }
+
     /// A request whose connection turned out dead before a byte went out
-    /// comes back whole, its inlined body included, and goes out unchanged
-    /// on the next connection.
+    /// comes back whole, its inlined body included (its small chunks
+    /// copied behind the head, its large ones placed between them), and
+    /// goes out unchanged on the next connection.
     #[tokio::test]
     async fn a_request_unsent_on_a_dead_connection_comes_back_whole() {
+        unsent_comes_back_whole(&[b"payload"]).await;
+        let large = |byte: u8, len: usize| vec![byte; len];
+        unsent_comes_back_whole(&[
+            b"small-",
+            &large(b'x', 5_000),
+            b"-mid-",
+            &large(b'y', 6_000),
+            b"-end",
+        ])
+        .await;
+    }
+
+    async fn unsent_comes_back_whole(chunks: &[&[u8]]) {
         use tokio::io::AsyncReadExt;
         use tokio::net::TcpListener;
 
@@ -658,7 +709,10 @@ mod tests {
         stream.readable().await.unwrap();
 
         let host = HeaderValue::from_static("h");
-        let body = crate::body::full(Bytes::from_static(b"payload"));
+        let payload = chunks.concat();
+        let body = crate::body::boxed(Frames(
+            chunks.iter().map(|c| Bytes::copy_from_slice(c)).collect(),
+        ));
         let request = Outbound::new(Method::POST, &["/up"], &host, b"x: 1\r\n", body);
         let idle = Duration::from_secs(5);
         let sent = UpstreamConnection::new(stream, 0)
@@ -671,13 +725,14 @@ mod tests {
             );
         };
 
+        let length = payload.len();
         let instance = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
             // The head says how much body follows: read that much.
             let mut received = Vec::new();
             let whole = |r: &[u8]| {
                 let at = r.windows(4).position(|w| w == b"\r\n\r\n")?;
-                (r.len() >= at + 4 + 7).then_some(())
+                (r.len() >= at + 4 + length).then_some(())
             };
             let read = async {
                 while whole(&received).is_none() {
@@ -693,7 +748,7 @@ mod tests {
                 .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
                 .await
                 .unwrap();
-            String::from_utf8(received).unwrap()
+            received
         });
         let stream = TcpStream::connect(addr).await.unwrap();
         let response = UpstreamConnection::new(stream, 0)
@@ -701,9 +756,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.status(), 204);
-        assert_eq!(
-            instance.await.unwrap(),
-            "POST /up HTTP/1.1\r\nhost: h\r\nx: 1\r\ncontent-length: 7\r\n\r\npayload"
+        let head =
+            format!("POST /up HTTP/1.1\r\nhost: h\r\nx: 1\r\ncontent-length: {length}\r\n\r\n");
+        assert!(
+            instance.await.unwrap() == [head.as_bytes(), &payload].concat(),
+            "the request differs"
         );
     }
 }

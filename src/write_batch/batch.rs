@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::net::TcpStream;
 
+use super::Gathered;
+use super::pieces::MAX_SLICES;
 use super::ring::{Outgoing, RING_SIZE, Ring};
 
 thread_local! {
@@ -46,15 +48,16 @@ pub fn enable() -> bool {
 }
 
 /// Adds a write to this thread's batch; gives the stream and bytes back
-/// when batching is off here or there is nothing to send.
-pub fn enqueue(stream: TcpStream, buf: Vec<u8>) -> Result<Ticket, (TcpStream, Vec<u8>)> {
+/// when batching is off here (boxed: the rare case) or there is nothing
+/// to send.
+pub fn enqueue(stream: TcpStream, write: Gathered) -> Result<Ticket, Box<(TcpStream, Gathered)>> {
     let Some(shared) = BATCH.with(|b| b.borrow().clone()) else {
-        return Err((stream, buf));
+        return Err(Box::new((stream, write)));
     };
-    if buf.is_empty() {
-        return Err((stream, buf));
+    if write.is_empty() {
+        return Err(Box::new((stream, write)));
     }
-    let index = lock(&shared).add(stream, buf);
+    let index = lock(&shared).add(stream, write);
     Ok(Ticket {
         batch: shared,
         index,
@@ -89,7 +92,7 @@ pub struct Ticket {
 impl Ticket {
     /// The stream, the bytes and what the send did, flushing the batch
     /// first if it has not gone out yet.
-    pub fn take(mut self) -> (TcpStream, Vec<u8>, io::Result<usize>) {
+    pub fn take(mut self) -> (TcpStream, Gathered, io::Result<usize>) {
         let (slot, sent_together) = lock(&self.batch)
             .take(self.index)
             .expect("a ticket's write stays in the batch until the ticket takes it");
@@ -101,7 +104,7 @@ impl Ticket {
         }
         // Every write has its outcome once its batch went out.
         let sent = slot.sent.unwrap_or(Err(io::ErrorKind::WouldBlock.into()));
-        (slot.stream, slot.buf, sent)
+        (slot.stream, slot.write, sent)
     }
 }
 
@@ -115,7 +118,7 @@ impl Drop for Ticket {
 
 struct Slot {
     stream: TcpStream,
-    buf: Vec<u8>,
+    write: Gathered,
     /// What the send did; `None` until the batch has gone out.
     sent: Option<io::Result<usize>>,
 }
@@ -133,10 +136,10 @@ struct Batch {
 }
 
 impl Batch {
-    fn add(&mut self, stream: TcpStream, buf: Vec<u8>) -> usize {
+    fn add(&mut self, stream: TcpStream, write: Gathered) -> usize {
         let slot = Some(Slot {
             stream,
-            buf,
+            write,
             sent: None,
         });
         let index = match self.free.pop() {
@@ -187,7 +190,7 @@ impl Batch {
         } else {
             for &index in &waiting {
                 if let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) {
-                    slot.sent = Some(slot.stream.try_write(&slot.buf));
+                    slot.sent = Some(try_write(&slot.stream, &slot.write));
                 }
             }
         }
@@ -214,7 +217,7 @@ impl Batch {
             if let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) {
                 outgoing.push(Outgoing {
                     fd: slot.stream.as_raw_fd(),
-                    buf: std::mem::take(&mut slot.buf),
+                    write: std::mem::take(&mut slot.write),
                     sent: None,
                 });
             }
@@ -225,11 +228,21 @@ impl Batch {
             if let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut)
                 && let Some(write) = done.next()
             {
-                slot.buf = write.buf;
+                slot.write = write.write;
                 slot.sent = write.sent;
             }
         }
         drop(done);
         self.outgoing = outgoing;
     }
+}
+
+/// One non-blocking send of `write`, vectored if it has pieces.
+fn try_write(stream: &TcpStream, write: &Gathered) -> io::Result<usize> {
+    if write.pieces.is_empty() {
+        return stream.try_write(&write.buf);
+    }
+    let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
+    let count = write.pieces.slices(&write.buf, &mut slices);
+    stream.try_write_vectored(&slices[..count])
 }

@@ -40,43 +40,71 @@ use std::io;
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// Writes all of `buf` to `stream` at the end of the turn, with the turn's
-/// other writes; gives both back, with the outcome. A write that fails has
-/// sent nothing, unless part of it went out before a later error. What the
-/// socket did not take at once must find room within `idle`, else the
-/// write fails (`TimedOut`).
+pub use pieces::{Pieces, write_now};
+
+/// The bytes of one write: a buffer, and large pieces placed in it
+/// without being copied ([`Pieces`]).
+#[derive(Default)]
+pub struct Gathered {
+    pub buf: Vec<u8>,
+    pub pieces: Pieces,
+}
+
+impl Gathered {
+    /// A write of `buf` alone.
+    pub fn of(buf: Vec<u8>) -> Self {
+        Self {
+            buf,
+            pieces: Pieces::new(),
+        }
+    }
+
+    /// How many bytes it sends.
+    pub fn len(&self) -> usize {
+        self.buf.len() + self.pieces.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Writes all of `write` to `stream` at the end of the turn, with the
+/// turn's other writes; gives both back, with the outcome. A write that
+/// fails has sent nothing, unless part of it went out before a later
+/// error. What the socket did not take at once must find room within
+/// `idle`, else the write fails (`TimedOut`).
 pub async fn write_all(
     stream: TcpStream,
-    buf: Vec<u8>,
+    write: Gathered,
     idle: Duration,
-) -> (TcpStream, Vec<u8>, io::Result<()>) {
-    let queued = batch::enqueue(stream, buf);
+) -> (TcpStream, Gathered, io::Result<()>) {
+    if write.is_empty() {
+        return (stream, write, Ok(()));
+    }
+    let queued = batch::enqueue(stream, write);
     // Without batching too, so that the writes of a turn still go out
     // close together.
     end_of_turn().await;
-    let (mut stream, buf, sent) = match queued {
+    let (mut stream, write, sent) = match queued {
         Ok(ticket) => ticket.take(),
         // Not batched here: nothing has been tried yet.
-        Err((stream, buf)) => (stream, buf, Err(io::ErrorKind::WouldBlock.into())),
+        Err(refused) => {
+            let (stream, write) = *refused;
+            (stream, write, Err(io::ErrorKind::WouldBlock.into()))
+        }
     };
     let rest = match sent {
-        Ok(n) if n == buf.len() => return (stream, buf, Ok(())),
+        Ok(n) if n == write.len() => return (stream, write, Ok(())),
         // The socket took part of it: the rest waits for room.
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(e) => return (stream, buf, Err(e)),
+        Err(e) => return (stream, write, Err(e)),
     };
-    let result = match tokio::time::timeout(idle, stream.write_all(&buf[rest..])).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the peer took no bytes for idle_timeout",
-        )),
-    };
-    (stream, buf, result)
+    let result = write_now(&mut stream, &write.buf, &write.pieces, rest, idle).await;
+    (stream, write, result)
 }
 
 /// Turns batched writes on for the current thread, if io_uring can be used
@@ -104,6 +132,7 @@ async fn end_of_turn() {
 }
 
 mod batch;
+mod pieces;
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 mod ring;
@@ -118,7 +147,7 @@ mod ring {
 
     pub struct Outgoing {
         pub fd: i32,
-        pub buf: Vec<u8>,
+        pub write: super::Gathered,
         pub sent: Option<io::Result<usize>>,
     }
 
@@ -144,6 +173,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::task::{Context, Waker};
 
+    use bytes::Bytes;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -182,19 +212,23 @@ mod tests {
             .zip(pairs)
             .map(|(i, (near, far))| {
                 (
-                    tokio::spawn(write_all(near, vec![i; 100 + i as usize], IDLE)),
+                    tokio::spawn(write_all(
+                        near,
+                        Gathered::of(vec![i; 100 + i as usize]),
+                        IDLE,
+                    )),
                     far,
                 )
             })
             .unzip();
         for (i, (writer, mut reader)) in writers.into_iter().zip(readers).enumerate() {
-            let (stream, buf, result) = writer.await.unwrap();
+            let (stream, written, result) = writer.await.unwrap();
             result.unwrap();
-            assert_eq!(buf, vec![i as u8; 100 + i], "the bytes come back");
+            assert_eq!(written.buf, vec![i as u8; 100 + i], "the bytes come back");
             drop(stream);
             let mut got = Vec::new();
             reader.read_to_end(&mut got).await.unwrap();
-            assert_eq!(got, buf);
+            assert_eq!(got, written.buf);
         }
         assert_eq!(
             batch::submissions() - before,
@@ -220,8 +254,8 @@ mod tests {
         let (a, a_reader) = pair().await;
         let (b, b_reader) = pair().await;
         let before = batch::submissions();
-        let a = tokio::spawn(write_all(a, big.clone(), IDLE));
-        let b = tokio::spawn(write_all(b, big.clone(), IDLE));
+        let a = tokio::spawn(write_all(a, Gathered::of(big.clone()), IDLE));
+        let b = tokio::spawn(write_all(b, Gathered::of(big.clone()), IDLE));
         let a_read = tokio::spawn(read_len(a_reader, big.len()));
         let b_read = tokio::spawn(read_len(b_reader, big.len()));
         for writer in [a, b] {
@@ -261,8 +295,8 @@ mod tests {
                     }
                 }
                 let before = batch::submissions();
-                let late = tokio::spawn(write_all(full, b"late".to_vec(), IDLE));
-                let first = tokio::spawn(write_all(other, b"first".to_vec(), IDLE));
+                let late = tokio::spawn(write_all(full, Gathered::of(b"late".to_vec()), IDLE));
+                let first = tokio::spawn(write_all(other, Gathered::of(b"first".to_vec()), IDLE));
                 let (_other, _, result) = first.await.unwrap();
                 result.unwrap();
                 assert_eq!(read_len(other_reader, 5).await, b"first");
@@ -287,13 +321,13 @@ mod tests {
         let (dropped, mut dropped_reader) = pair().await;
         let (kept, mut kept_reader) = pair().await;
         let mut cx = Context::from_waker(Waker::noop());
-        let mut cancelled = Box::pin(write_all(dropped, b"never".to_vec(), IDLE));
+        let mut cancelled = Box::pin(write_all(dropped, Gathered::of(b"never".to_vec()), IDLE));
         assert!(
             cancelled.as_mut().poll(&mut cx).is_pending(),
             "waits for the end of the turn"
         );
         drop(cancelled);
-        let mut other = Box::pin(write_all(kept, b"sent".to_vec(), IDLE));
+        let mut other = Box::pin(write_all(kept, Gathered::of(b"sent".to_vec()), IDLE));
         assert!(other.as_mut().poll(&mut cx).is_pending());
         let (kept, _, result) = other.await;
         result.unwrap();
@@ -316,11 +350,11 @@ mod tests {
         drop(reset_peer);
         let (fine, mut fine_reader) = pair().await;
         let before = batch::submissions();
-        let reset = tokio::spawn(write_all(reset, b"lost".to_vec(), IDLE));
-        let fine = tokio::spawn(write_all(fine, b"kept".to_vec(), IDLE));
-        let (_, buf, result) = reset.await.unwrap();
+        let reset = tokio::spawn(write_all(reset, Gathered::of(b"lost".to_vec()), IDLE));
+        let fine = tokio::spawn(write_all(fine, Gathered::of(b"kept".to_vec()), IDLE));
+        let (_, written, result) = reset.await.unwrap();
         assert!(result.is_err(), "{result:?}");
-        assert_eq!(buf, b"lost", "the bytes come back with the error");
+        assert_eq!(written.buf, b"lost", "the bytes come back with the error");
         let (fine, _, result) = fine.await.unwrap();
         result.unwrap();
         assert_eq!(batch::submissions() - before, 1);
@@ -328,6 +362,79 @@ mod tests {
         let mut got = Vec::new();
         fine_reader.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"kept");
+    }
+
+    /// Everything `stream` receives until its peer closes.
+    async fn read_all(mut stream: TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        got
+    }
+
+    /// `buf` with a piece of `pieces` bytes placed at each of `at`, and
+    /// the bytes the write must send.
+    fn gathered(buf: &[u8], at: &[usize], piece: usize) -> (Gathered, Vec<u8>) {
+        let mut write = Gathered::of(buf.to_vec());
+        let mut expected = Vec::new();
+        let mut from = 0;
+        for (i, &at) in at.iter().enumerate() {
+            let data: Vec<u8> = (0..piece).map(|j| (i * 31 + j) as u8).collect();
+            expected.extend_from_slice(&buf[from..at]);
+            expected.extend_from_slice(&data);
+            write.pieces.push(at, Bytes::from(data));
+            from = at;
+        }
+        expected.extend_from_slice(&buf[from..]);
+        (write, expected)
+    }
+
+    #[cfg_attr(not(io_uring), ignore = "io_uring is unavailable on this machine")]
+    #[tokio::test]
+    async fn pieces_go_out_in_place_with_the_batch_even_beyond_what_a_socket_takes() {
+        batching();
+        let head = b"HEAD / HTTP/1.1\r\n\r\n-between-tail";
+        // One write small enough to go out whole, one far larger than
+        // loopback's socket buffers, whose rest goes out as it drains.
+        let (small, small_expected) = gathered(head, &[0, 19, 19, 28], 5000);
+        let (large, large_expected) = gathered(head, &[19, 28, head.len()], 12 << 20);
+        let (a, a_reader) = pair().await;
+        let (b, b_reader) = pair().await;
+        let before = batch::submissions();
+        let a = tokio::spawn(write_all(a, small, IDLE));
+        let b = tokio::spawn(write_all(b, large, IDLE));
+        let a_read = tokio::spawn(read_all(a_reader));
+        let b_read = tokio::spawn(read_all(b_reader));
+        for writer in [a, b] {
+            let (stream, written, result) = writer.await.unwrap();
+            result.unwrap();
+            assert_eq!(written.buf, head, "the buffer comes back");
+            drop(stream);
+        }
+        assert_eq!(batch::submissions() - before, 1, "sent through the ring");
+        assert!(a_read.await.unwrap() == small_expected);
+        assert!(b_read.await.unwrap() == large_expected);
+    }
+
+    #[test]
+    fn without_batching_pieces_go_out_in_place() {
+        std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (near, far) = pair().await;
+                let (write, expected) = gathered(b"0123456789", &[0, 4, 10], 3 << 20);
+                let reading = tokio::spawn(read_all(far));
+                let (near, _, result) = write_all(near, write, IDLE).await;
+                result.unwrap();
+                drop(near);
+                assert!(reading.await.unwrap() == expected);
+                assert_eq!(batch::submissions(), 0, "no ring on this thread");
+            });
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
@@ -340,7 +447,8 @@ mod tests {
                 .unwrap();
             runtime.block_on(async {
                 let (near, mut far) = pair().await;
-                let (near, _, result) = write_all(near, b"hello".to_vec(), IDLE).await;
+                let (near, _, result) =
+                    write_all(near, Gathered::of(b"hello".to_vec()), IDLE).await;
                 result.unwrap();
                 drop(near);
                 let mut got = Vec::new();

@@ -9,10 +9,14 @@
 //! until its completion is reaped. [`Ring::send_all`] ensures it on its
 //! own, whatever its caller does:
 //!
-//! 1. The buffers are the `Vec`s of the `writes` slice, which the call
-//!    borrows mutably for its whole duration: nothing else can move, change
-//!    or free them meanwhile, and a `Vec`'s bytes do not move while the
-//!    `Vec` is not touched.
+//! 1. The buffers are the `Vec`s and the pieces' `Bytes` of the `writes`
+//!    slice, which the call borrows mutably for its whole duration: nothing
+//!    else can move, change or free them meanwhile. A `Vec`'s bytes do not
+//!    move while the `Vec` is not touched, and a `Bytes`' bytes neither
+//!    move nor change while it lives. A vectored write also names its
+//!    slices (`iovec`s) and their header (`msghdr`): they are the call's
+//!    own locals, all built before the first submission and not touched
+//!    again until the call returns, so they do not move either.
 //! 2. Every send is non-blocking (`MSG_DONTWAIT`): a full socket answers
 //!    `EAGAIN` at once instead of waiting for room, so every submission
 //!    completes promptly, and the call waits for all of them before it
@@ -20,8 +24,9 @@
 //! 3. If the ring fails in a way that leaves submissions possibly in
 //!    flight (an error from `io_uring_enter` other than an interruption),
 //!    the buffers of the writes without a completion are leaked (replaced
-//!    by copies), and so is the ring itself: the kernel can never read
-//!    freed memory, and the ring is never used again.
+//!    by copies), and so are the slices, the headers and the ring itself:
+//!    the kernel can never read freed memory, and the ring is never used
+//!    again.
 //! 4. The submission queue is empty between calls (everything pushed is
 //!    submitted and reaped within one call), so a completion's `user_data`
 //!    always names a write of the current call.
@@ -30,10 +35,13 @@
 //! danger to memory: the kernel holds its own reference to the socket from
 //! submission on. The callers own the sockets for the whole call anyway.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 
 use io_uring::{IoUring, Probe, opcode, types};
+
+use super::Gathered;
+use super::pieces::MAX_SLICES;
 
 /// Sends submitted per system call at most; a larger batch takes more calls.
 pub const RING_SIZE: usize = 128;
@@ -42,9 +50,11 @@ pub const RING_SIZE: usize = 128;
 /// (`None` until it is done).
 pub struct Outgoing {
     pub fd: RawFd,
-    pub buf: Vec<u8>,
+    pub write: Gathered,
     pub sent: Option<io::Result<usize>>,
 }
+
+const FLAGS: i32 = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
 
 pub struct Ring {
     ring: IoUring,
@@ -58,7 +68,7 @@ impl Ring {
         let ring = IoUring::new(RING_SIZE as u32)?;
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
-        if !probe.is_supported(opcode::Send::CODE) {
+        if !probe.is_supported(opcode::Send::CODE) || !probe.is_supported(opcode::SendMsg::CODE) {
             return Err(io::Error::other("this kernel's io_uring cannot send"));
         }
         Ok(Self {
@@ -74,15 +84,50 @@ impl Ring {
     pub fn send_all(mut self: Box<Self>, writes: &mut [Outgoing]) -> Result<Box<Self>, ()> {
         let count = writes.len().min(RING_SIZE);
         let writes = &mut writes[..count];
+        // The vectored writes' slices, then their headers, each pointing
+        // into the other only once it is complete (point 1).
+        let vectored = writes.iter().filter(|w| !w.write.pieces.is_empty());
+        let mut iovecs = Vec::with_capacity(vectored.clone().count() * MAX_SLICES);
+        let mut spans = Vec::with_capacity(vectored.clone().count());
+        for write in vectored {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let count = write.write.pieces.slices(&write.write.buf, &mut slices);
+            spans.push((iovecs.len(), count));
+            iovecs.extend(slices[..count].iter().map(|slice| libc::iovec {
+                iov_base: slice.as_ptr() as *mut libc::c_void,
+                iov_len: slice.len(),
+            }));
+        }
+        let headers: Vec<libc::msghdr> = spans
+            .iter()
+            .map(|&(start, count)| {
+                // SAFETY: a `msghdr` is plain data, for which all zeroes
+                // (no name, no control data, no flags) is a valid value.
+                let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+                // SAFETY: `start` is within `iovecs`, which is complete.
+                header.msg_iov = unsafe { iovecs.as_mut_ptr().add(start) };
+                header.msg_iovlen = count as _;
+                header
+            })
+            .collect();
         let mut left = 0;
         {
             let mut queue = self.ring.submission();
+            let mut next_header = 0;
             for (index, write) in writes.iter().enumerate() {
-                let len = u32::try_from(write.buf.len()).unwrap_or(u32::MAX);
-                let send = opcode::Send::new(types::Fd(write.fd), write.buf.as_ptr(), len)
-                    .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(index as u64);
+                let fd = types::Fd(write.fd);
+                let send = if write.write.pieces.is_empty() {
+                    let buf = &write.write.buf;
+                    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+                    opcode::Send::new(fd, buf.as_ptr(), len)
+                        .flags(FLAGS)
+                        .build()
+                } else {
+                    let header = &headers[next_header];
+                    next_header += 1;
+                    opcode::SendMsg::new(fd, header).flags(FLAGS as u32).build()
+                };
+                let send = send.user_data(index as u64);
                 // SAFETY: points 1 and 4 of the module's documentation.
                 if unsafe { queue.push(&send) }.is_err() {
                     // Full: never, as the queue is empty here and holds RING_SIZE.
@@ -100,6 +145,7 @@ impl Ring {
                 )
             {
                 abandon(self, writes, e);
+                std::mem::forget((iovecs, headers));
                 return Err(());
             }
             for done in self.ring.completion() {
@@ -125,8 +171,14 @@ impl Ring {
 fn abandon(ring: Box<Ring>, writes: &mut [Outgoing], error: io::Error) {
     tracing::error!(%error, "io_uring failed: writes go out one send each from now on");
     for write in writes.iter_mut().filter(|w| w.sent.is_none()) {
-        let copy = write.buf.clone();
-        std::mem::forget(std::mem::replace(&mut write.buf, copy));
+        let copy = write.write.buf.clone();
+        std::mem::forget(std::mem::replace(&mut write.write.buf, copy));
+        // Each piece's bytes outlive every owner: one more is forgotten.
+        write
+            .write
+            .pieces
+            .iter()
+            .for_each(|piece| std::mem::forget(piece.clone()));
         write.sent = Some(Err(io::Error::new(error.kind(), error.to_string())));
     }
     std::mem::forget(ring);
