@@ -48,14 +48,13 @@ pub fn enable() -> bool {
 }
 
 /// Adds a write to this thread's batch; gives the stream and bytes back
-/// when batching is off here (boxed: the rare case) or there is nothing
-/// to send.
-pub fn enqueue(stream: TcpStream, write: Gathered) -> Result<Ticket, Box<(TcpStream, Gathered)>> {
+/// when batching is off here or there is nothing to send.
+pub fn enqueue(stream: TcpStream, write: Gathered) -> Result<Ticket, (TcpStream, Gathered)> {
     let Some(shared) = BATCH.with(|b| b.borrow().clone()) else {
-        return Err(Box::new((stream, write)));
+        return Err((stream, write));
     };
     if write.is_empty() {
-        return Err(Box::new((stream, write)));
+        return Err((stream, write));
     }
     let index = lock(&shared).add(stream, write);
     Ok(Ticket {

@@ -91,10 +91,7 @@ pub async fn write_all(
     let (mut stream, write, sent) = match queued {
         Ok(ticket) => ticket.take(),
         // Not batched here: nothing has been tried yet.
-        Err(refused) => {
-            let (stream, write) = *refused;
-            (stream, write, Err(io::ErrorKind::WouldBlock.into()))
-        }
+        Err((stream, write)) => (stream, write, Err(io::ErrorKind::WouldBlock.into())),
     };
     let rest = match sent {
         Ok(n) if n == write.len() => return (stream, write, Ok(())),

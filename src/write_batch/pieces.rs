@@ -15,12 +15,12 @@ pub const MAX_PIECES: usize = 8;
 pub const MAX_SLICES: usize = 2 * MAX_PIECES + 1;
 
 /// Up to [`MAX_PIECES`] byte strings, each placed at an offset of a
-/// buffer that the write sends around them.
+/// buffer that the write sends around them. Small while empty (no
+/// allocation), as most writes are: it moves with every batched write.
 #[derive(Default)]
 pub struct Pieces {
     /// Each piece with the length its buffer had when it came: where it goes.
-    at: [(usize, Bytes); MAX_PIECES],
-    len: usize,
+    at: Vec<(usize, Bytes)>,
     /// Their bytes, all together.
     size: usize,
 }
@@ -31,7 +31,7 @@ impl Pieces {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.at.is_empty()
     }
 
     /// Their bytes, all together.
@@ -41,27 +41,29 @@ impl Pieces {
 
     /// Whether another piece fits.
     pub fn is_full(&self) -> bool {
-        self.len == MAX_PIECES
+        self.at.len() == MAX_PIECES
     }
 
     /// Places `data` at offset `at` of the buffer; `at` is no smaller than
     /// the previous piece's. Panics if [`Self::is_full`].
     pub fn push(&mut self, at: usize, data: Bytes) {
-        debug_assert!(self.len == 0 || self.at[self.len - 1].0 <= at);
+        assert!(!self.is_full(), "at most MAX_PIECES pieces");
+        debug_assert!(self.at.last().is_none_or(|&(last, _)| last <= at));
+        if self.at.capacity() == 0 {
+            self.at.reserve_exact(MAX_PIECES);
+        }
         self.size += data.len();
-        self.at[self.len] = (at, data);
-        self.len += 1;
+        self.at.push((at, data));
     }
 
     /// The pieces, in order.
     pub fn iter(&self) -> impl Iterator<Item = &Bytes> {
-        self.at[..self.len].iter().map(|(_, data)| data)
+        self.at.iter().map(|(_, data)| data)
     }
 
     /// Drops the pieces, so that their buffers can be reused.
     pub fn clear(&mut self) {
-        self.at[..self.len].fill_with(Default::default);
-        self.len = 0;
+        self.at.clear();
         self.size = 0;
     }
 
@@ -76,7 +78,7 @@ impl Pieces {
             }
         };
         let mut from = 0;
-        for (at, data) in &self.at[..self.len] {
+        for (at, data) in &self.at {
             put(&buf[from..*at]);
             put(data);
             from = *at;
