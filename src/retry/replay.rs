@@ -123,6 +123,16 @@ pub struct Kept {
 }
 
 impl Kept {
+    /// A body kept as these chunks.
+    #[cfg(test)]
+    pub(crate) fn of(chunks: Vec<Bytes>) -> Self {
+        let len = chunks.iter().map(|c| c.len() as u64).sum();
+        Self {
+            chunks: chunks.into(),
+            len,
+        }
+    }
+
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -133,7 +143,7 @@ impl Kept {
 
     /// The body for one attempt: the kept chunks, not copied, with their
     /// exact length.
-    fn body(&self) -> Body {
+    pub(crate) fn body(&self) -> Body {
         match &self.chunks[..] {
             _ if self.is_empty() => body::empty(),
             [one] => body::full(one.clone()),

@@ -658,25 +658,6 @@ mod tests {
         );
     }
 
-    /// A body of known size in the given chunks.
-    struct Frames(std::collections::VecDeque<Bytes>);
-
-    impl http_body::Body for Frames {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            Poll::Ready(self.0.pop_front().map(|data| Ok(Frame::data(data))))
-        }
-
-        fn size_hint(&self) -> SizeHint {
-            SizeHint::with_exact(self.0.iter().map(|data| data.len() as u64).sum())
-        }
-    }
-
     /// A request whose connection turned out dead before a byte went out
     /// comes back whole, its inlined body included (its small chunks
     /// copied behind the head, its large ones placed between them), and
@@ -710,9 +691,11 @@ mod tests {
 
         let host = HeaderValue::from_static("h");
         let payload = chunks.concat();
-        let body = crate::body::boxed(Frames(
+        // As a retryable request's body comes: its chunks, its exact size.
+        let kept = crate::retry::replay::Kept::of(
             chunks.iter().map(|c| Bytes::copy_from_slice(c)).collect(),
-        ));
+        );
+        let body = kept.body();
         let request = Outbound::new(Method::POST, &["/up"], &host, b"x: 1\r\n", body);
         let idle = Duration::from_secs(5);
         let sent = UpstreamConnection::new(stream, 0)

@@ -412,50 +412,45 @@ mod tests {
         assert!(b_read.await.unwrap() == large_expected);
     }
 
-    #[test]
-    fn without_batching_pieces_go_out_in_place() {
+    /// Runs `test` on a fresh thread, on which nothing turned batching on.
+    fn without_batching<F: Future<Output = ()>>(test: impl FnOnce() -> F + Send + 'static) {
         std::thread::spawn(|| {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            runtime.block_on(async {
-                let (near, far) = pair().await;
-                let (write, expected) = gathered(b"0123456789", &[0, 4, 10], 3 << 20);
-                let reading = tokio::spawn(read_all(far));
-                let (near, _, result) = write_all(near, write, IDLE).await;
-                result.unwrap();
-                drop(near);
-                assert!(reading.await.unwrap() == expected);
-                assert_eq!(batch::submissions(), 0, "no ring on this thread");
-            });
+            runtime.block_on(test());
         })
         .join()
         .unwrap();
     }
 
     #[test]
+    fn without_batching_pieces_go_out_in_place() {
+        without_batching(|| async {
+            let (near, far) = pair().await;
+            let (write, expected) = gathered(b"0123456789", &[0, 4, 10], 3 << 20);
+            let reading = tokio::spawn(read_all(far));
+            let (near, _, result) = write_all(near, write, IDLE).await;
+            result.unwrap();
+            drop(near);
+            assert!(reading.await.unwrap() == expected);
+            assert_eq!(batch::submissions(), 0, "no ring on this thread");
+        });
+    }
+
+    #[test]
     fn without_batching_writes_go_out_one_by_one() {
-        // A fresh thread, on which nothing turned batching on.
-        std::thread::spawn(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let (near, mut far) = pair().await;
-                let (near, _, result) =
-                    write_all(near, Gathered::of(b"hello".to_vec()), IDLE).await;
-                result.unwrap();
-                drop(near);
-                let mut got = Vec::new();
-                far.read_to_end(&mut got).await.unwrap();
-                assert_eq!(got, b"hello");
-                assert_eq!(batch::submissions(), 0, "no ring on this thread");
-            });
-        })
-        .join()
-        .unwrap();
+        without_batching(|| async {
+            let (near, mut far) = pair().await;
+            let (near, _, result) = write_all(near, Gathered::of(b"hello".to_vec()), IDLE).await;
+            result.unwrap();
+            drop(near);
+            let mut got = Vec::new();
+            far.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"hello");
+            assert_eq!(batch::submissions(), 0, "no ring on this thread");
+        });
     }
 
     #[tokio::test]
