@@ -288,6 +288,44 @@ async fn an_upload_of_small_and_large_chunks_arrives_byte_for_byte(way: Way) {
     assert!(reply.body[..] == body[..], "the body differs");
 }
 
+/// An answer whose small and large chunks are all there at once goes out
+/// in one write: the large ones in place between the small ones.
+async fn an_answer_of_small_and_large_chunks_arrives_byte_for_byte(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let sizes = [100, 10_000, 200, 20_000, 3];
+    let body: Vec<u8> = (0..sizes.iter().sum::<usize>() as u32)
+        .map(|i| (i * 13 % 251) as u8)
+        .collect();
+    let wire = {
+        let body = body.clone();
+        move |_: &str| {
+            let mut bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            let mut at = 0;
+            for size in sizes {
+                bytes.extend_from_slice(format!("{size:x}\r\n").as_bytes());
+                bytes.extend_from_slice(&body[at..at + size]);
+                bytes.extend_from_slice(b"\r\n");
+                at += size;
+            }
+            bytes.extend_from_slice(b"0\r\n\r\n");
+            Answer {
+                bytes,
+                close: false,
+                chunk: usize::MAX,
+            }
+        }
+    };
+    let up = Scripted::start(wire).await;
+    gw.register("svc", &up.url).await;
+    // Twice: on a fresh instance connection, then on the kept one.
+    for _ in 0..2 {
+        let reply = gw.get("/call/svc/mixed").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(reply.body[..] == body[..], "the body differs");
+    }
+    assert_eq!(up.connections(), 1);
+}
+
 async fn interim_responses_are_skipped(way: Way) {
     let gw = TestGateway::start_way(QUIET, way).await;
     let up = Scripted::start(|_| {
@@ -695,6 +733,7 @@ each_way! {
     close_delimited_and_http10_responses_are_read_to_the_end_and_not_reused,
     large_bodies_in_every_framing_arrive_byte_for_byte,
     an_upload_of_small_and_large_chunks_arrives_byte_for_byte,
+    an_answer_of_small_and_large_chunks_arrives_byte_for_byte,
     interim_responses_are_skipped,
     broken_framing_from_an_upstream_is_a_502,
     a_response_cut_short_is_an_error_for_the_client,
