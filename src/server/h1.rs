@@ -41,15 +41,12 @@ use crate::error::{ErrorCode, GatewayError};
 use crate::http1::Decoder;
 use crate::http1::encode::{self, Answering};
 use crate::http1::head::{self, BodyLength, HeadError, RequestHead};
-use crate::write_batch::{Gathered, Pieces, write_now};
+use crate::write_batch::{Gathered, PIECE_MIN, Pieces, write_now};
 
 /// The first bytes of every HTTP/2 connection with prior knowledge.
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// How much the read buffer grows by while reading heads.
 const READ_CHUNK: usize = 8 * 1024;
-/// Response body chunks at least this large are written as they are,
-/// rather than copied behind the head.
-const WRITE_THROUGH: usize = 4 * 1024;
 /// Small chunks ready one after the other are copied together up to this
 /// much before they are written.
 const FLUSH_AT: usize = 64 * 1024;
@@ -339,7 +336,7 @@ async fn write_response(
                 continue;
             }
             encoder.before_data(out, data.len())?;
-            if data.len() >= WRITE_THROUGH {
+            if data.len() >= PIECE_MIN {
                 chunks.push(out.len(), data);
             } else {
                 out.extend_from_slice(&data);

@@ -39,15 +39,13 @@ use super::recycle;
 use crate::body::{Body, BoxError};
 use crate::http1::encode::{self, Encoder};
 use crate::http1::{Decoded, Decoder, head};
-use crate::write_batch::Gathered;
+use crate::write_batch::{Gathered, PIECE_MIN};
 
 /// Response heads larger than this are an error.
 const MAX_HEAD: usize = 64 * 1024;
-/// Request bodies of known size up to this go out with the head, in one write.
+/// Request bodies of known size up to this go out with the head, in one
+/// write (their large chunks as pieces, [`PIECE_MIN`]).
 const COALESCE: u64 = 64 * 1024;
-/// Chunks of such a body at least this large go out as they are, rather
-/// than copied behind the head.
-const PIECE_MIN: usize = 4 * 1024;
 /// How much the read buffer grows by, at least and at most: each
 /// connection learns its size from its reads ([`ReadSize`]). The buffer
 /// takes heads, framing and what comes with them; a body's data beyond

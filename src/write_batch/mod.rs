@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-pub use pieces::{Pieces, write_now};
+pub use pieces::{PIECE_MIN, Pieces, write_now};
 
 /// The bytes of one write: a buffer, and large pieces placed in it
 /// without being copied ([`Pieces`]).

@@ -9,6 +9,9 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+/// Body chunks at least this large go into a write as pieces; smaller
+/// ones cost less copied into its buffer than sent as slices of their own.
+pub const PIECE_MIN: usize = 4 * 1024;
 /// Pieces one write takes at most.
 pub const MAX_PIECES: usize = 8;
 /// The slices of a write: the pieces and the buffer's bytes around them.

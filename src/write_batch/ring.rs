@@ -87,8 +87,9 @@ impl Ring {
         // The vectored writes' slices, then their headers, each pointing
         // into the other only once it is complete (point 1).
         let vectored = writes.iter().filter(|w| !w.write.pieces.is_empty());
-        let mut iovecs = Vec::with_capacity(vectored.clone().count() * MAX_SLICES);
-        let mut spans = Vec::with_capacity(vectored.clone().count());
+        let how_many = vectored.clone().count();
+        let mut iovecs = Vec::with_capacity(how_many * MAX_SLICES);
+        let mut spans = Vec::with_capacity(how_many);
         for write in vectored {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let count = write.write.pieces.slices(&write.write.buf, &mut slices);
