@@ -41,7 +41,7 @@ use crate::error::{ErrorCode, GatewayError};
 use crate::http1::Decoder;
 use crate::http1::encode::{self, Answering};
 use crate::http1::head::{self, BodyLength, HeadError, RequestHead};
-use crate::write_batch::{Gathered, PIECE_MIN, Pieces, write_now};
+use crate::write_batch::{Gathered, PIECE_MIN, Pieces, Then, write_now};
 
 /// The first bytes of every HTTP/2 connection with prior knowledge.
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -355,14 +355,23 @@ async fn write_response(
         // whole in one write.
         flush(&mut stream, out, &mut chunks, idle).await?;
         shrink_out(out);
+        if !keep_alive {
+            crate::write_batch::shut_down(&stream);
+        }
         return Ok((stream, keep_alive));
     }
-    // The rest goes out at the end of the turn, with the turn's other writes.
+    // The rest goes out at the end of the turn, with the turn's other
+    // writes; on a connection that closes after it, its end right behind.
     let write = Gathered {
         buf: std::mem::take(out),
         pieces: chunks,
     };
-    let (stream, written, result) = crate::write_batch::write_all(stream, write, idle).await;
+    let then = if keep_alive {
+        Then::More
+    } else {
+        Then::Shutdown
+    };
+    let (stream, written, result) = crate::write_batch::write_all(stream, write, idle, then).await;
     *out = written.buf;
     shrink_out(out);
     result?;

@@ -39,7 +39,7 @@ use super::recycle;
 use crate::body::{Body, BoxError};
 use crate::http1::encode::{self, Encoder};
 use crate::http1::{Decoded, Decoder, head};
-use crate::write_batch::{Gathered, PIECE_MIN};
+use crate::write_batch::{Gathered, PIECE_MIN, Then};
 
 /// Response heads larger than this are an error.
 const MAX_HEAD: usize = 64 * 1024;
@@ -183,7 +183,7 @@ impl UpstreamConnection {
         // the others of that turn: an instance then wakes once for the
         // batch, not once per request.
         let (io, written, result) =
-            crate::write_batch::write_all(self.io, write, idle_timeout).await;
+            crate::write_batch::write_all(self.io, write, idle_timeout, Then::More).await;
         self.io = io;
         let Gathered {
             buf: mut head,

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::net::TcpStream;
 
-use super::Gathered;
 use super::pieces::MAX_SLICES;
 use super::ring::{Outgoing, RING_SIZE, Ring};
+use super::{Gathered, Then, shut_down};
 
 thread_local! {
     static BATCH: RefCell<Option<Shared>> = const { RefCell::new(None) };
@@ -49,14 +49,18 @@ pub fn enable() -> bool {
 
 /// Adds a write to this thread's batch; gives the stream and bytes back
 /// when batching is off here or there is nothing to send.
-pub fn enqueue(stream: TcpStream, write: Gathered) -> Result<Ticket, (TcpStream, Gathered)> {
+pub fn enqueue(
+    stream: TcpStream,
+    write: Gathered,
+    then: Then,
+) -> Result<Ticket, (TcpStream, Gathered)> {
     let Some(shared) = BATCH.with(|b| b.borrow().clone()) else {
         return Err((stream, write));
     };
     if write.is_empty() {
         return Err((stream, write));
     }
-    let index = lock(&shared).add(stream, write);
+    let index = lock(&shared).add(stream, write, then);
     Ok(Ticket {
         batch: shared,
         index,
@@ -118,6 +122,7 @@ impl Drop for Ticket {
 struct Slot {
     stream: TcpStream,
     write: Gathered,
+    then: Then,
     /// What the send did; `None` until the batch has gone out.
     sent: Option<io::Result<usize>>,
 }
@@ -135,10 +140,11 @@ struct Batch {
 }
 
 impl Batch {
-    fn add(&mut self, stream: TcpStream, write: Gathered) -> usize {
+    fn add(&mut self, stream: TcpStream, write: Gathered, then: Then) -> usize {
         let slot = Some(Slot {
             stream,
             write,
+            then,
             sent: None,
         });
         let index = match self.free.pop() {
@@ -193,11 +199,19 @@ impl Batch {
                 }
             }
         }
-        // Anything the ring did not take goes out the usual way.
         for &index in &waiting {
             if let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) {
-                slot.sent
+                // Anything the ring did not take goes out the usual way.
+                let sent = slot
+                    .sent
                     .get_or_insert_with(|| Err(io::ErrorKind::WouldBlock.into()));
+                // A last write all out: its end goes right behind it, before
+                // its peer can have read it (see `Then::Shutdown`).
+                if slot.then == Then::Shutdown
+                    && sent.as_ref().is_ok_and(|&n| n == slot.write.len())
+                {
+                    shut_down(&slot.stream);
+                }
             }
         }
         self.waiting = waiting;

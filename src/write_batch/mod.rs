@@ -71,20 +71,39 @@ impl Gathered {
     }
 }
 
+/// What becomes of a stream's sending side once a write is all out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// More may be written.
+    More,
+    /// Nothing more will be: the sending side is shut down (`FIN`) right
+    /// behind the last byte, in the same moment as the turn's writes go
+    /// out, not when the stream is closed later. The peer then sees the
+    /// answer and its end together; on a connection the gateway closes,
+    /// it closes first, as an HTTP server does, and the client does not
+    /// race it to the close.
+    Shutdown,
+}
+
 /// Writes all of `write` to `stream` at the end of the turn, with the
 /// turn's other writes; gives both back, with the outcome. A write that
 /// fails has sent nothing, unless part of it went out before a later
 /// error. What the socket did not take at once must find room within
-/// `idle`, else the write fails (`TimedOut`).
+/// `idle`, else the write fails (`TimedOut`). `then` says whether the
+/// stream's sending side is shut down once the write is all out.
 pub async fn write_all(
     stream: TcpStream,
     write: Gathered,
     idle: Duration,
+    then: Then,
 ) -> (TcpStream, Gathered, io::Result<()>) {
     if write.is_empty() {
+        if then == Then::Shutdown {
+            shut_down(&stream);
+        }
         return (stream, write, Ok(()));
     }
-    let queued = batch::enqueue(stream, write);
+    let queued = batch::enqueue(stream, write, then);
     // Without batching too, so that the writes of a turn still go out
     // close together.
     end_of_turn().await;
@@ -94,6 +113,7 @@ pub async fn write_all(
         Err((stream, write)) => (stream, write, Err(io::ErrorKind::WouldBlock.into())),
     };
     let rest = match sent {
+        // All out with the batch, which shut the sending side down if asked.
         Ok(n) if n == write.len() => return (stream, write, Ok(())),
         // The socket took part of it: the rest waits for room.
         Ok(n) => n,
@@ -101,7 +121,19 @@ pub async fn write_all(
         Err(e) => return (stream, write, Err(e)),
     };
     let result = write_now(&mut stream, &write.buf, &write.pieces, rest, idle).await;
+    if result.is_ok() && then == Then::Shutdown {
+        shut_down(&stream);
+    }
     (stream, write, result)
+}
+
+/// Shuts `stream`'s sending side down: the peer reads the end of the
+/// stream after what was sent. A failure (the peer is already gone) leaves
+/// nothing to do: the stream is closed soon after anyway.
+pub fn shut_down(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+        tracing::debug!(error = %e, "shutting a connection's sending side down failed");
+    }
 }
 
 /// Turns batched writes on for the current thread, if io_uring can be used
@@ -213,6 +245,7 @@ mod tests {
                         near,
                         Gathered::of(vec![i; 100 + i as usize]),
                         IDLE,
+                        Then::More,
                     )),
                     far,
                 )
@@ -251,8 +284,8 @@ mod tests {
         let (a, a_reader) = pair().await;
         let (b, b_reader) = pair().await;
         let before = batch::submissions();
-        let a = tokio::spawn(write_all(a, Gathered::of(big.clone()), IDLE));
-        let b = tokio::spawn(write_all(b, Gathered::of(big.clone()), IDLE));
+        let a = tokio::spawn(write_all(a, Gathered::of(big.clone()), IDLE, Then::More));
+        let b = tokio::spawn(write_all(b, Gathered::of(big.clone()), IDLE, Then::More));
         let a_read = tokio::spawn(read_len(a_reader, big.len()));
         let b_read = tokio::spawn(read_len(b_reader, big.len()));
         for writer in [a, b] {
@@ -292,8 +325,18 @@ mod tests {
                     }
                 }
                 let before = batch::submissions();
-                let late = tokio::spawn(write_all(full, Gathered::of(b"late".to_vec()), IDLE));
-                let first = tokio::spawn(write_all(other, Gathered::of(b"first".to_vec()), IDLE));
+                let late = tokio::spawn(write_all(
+                    full,
+                    Gathered::of(b"late".to_vec()),
+                    IDLE,
+                    Then::More,
+                ));
+                let first = tokio::spawn(write_all(
+                    other,
+                    Gathered::of(b"first".to_vec()),
+                    IDLE,
+                    Then::More,
+                ));
                 let (_other, _, result) = first.await.unwrap();
                 result.unwrap();
                 assert_eq!(read_len(other_reader, 5).await, b"first");
@@ -318,13 +361,23 @@ mod tests {
         let (dropped, mut dropped_reader) = pair().await;
         let (kept, mut kept_reader) = pair().await;
         let mut cx = Context::from_waker(Waker::noop());
-        let mut cancelled = Box::pin(write_all(dropped, Gathered::of(b"never".to_vec()), IDLE));
+        let mut cancelled = Box::pin(write_all(
+            dropped,
+            Gathered::of(b"never".to_vec()),
+            IDLE,
+            Then::More,
+        ));
         assert!(
             cancelled.as_mut().poll(&mut cx).is_pending(),
             "waits for the end of the turn"
         );
         drop(cancelled);
-        let mut other = Box::pin(write_all(kept, Gathered::of(b"sent".to_vec()), IDLE));
+        let mut other = Box::pin(write_all(
+            kept,
+            Gathered::of(b"sent".to_vec()),
+            IDLE,
+            Then::More,
+        ));
         assert!(other.as_mut().poll(&mut cx).is_pending());
         let (kept, _, result) = other.await;
         result.unwrap();
@@ -347,8 +400,18 @@ mod tests {
         drop(reset_peer);
         let (fine, mut fine_reader) = pair().await;
         let before = batch::submissions();
-        let reset = tokio::spawn(write_all(reset, Gathered::of(b"lost".to_vec()), IDLE));
-        let fine = tokio::spawn(write_all(fine, Gathered::of(b"kept".to_vec()), IDLE));
+        let reset = tokio::spawn(write_all(
+            reset,
+            Gathered::of(b"lost".to_vec()),
+            IDLE,
+            Then::More,
+        ));
+        let fine = tokio::spawn(write_all(
+            fine,
+            Gathered::of(b"kept".to_vec()),
+            IDLE,
+            Then::More,
+        ));
         let (_, written, result) = reset.await.unwrap();
         assert!(result.is_err(), "{result:?}");
         assert_eq!(written.buf, b"lost", "the bytes come back with the error");
@@ -397,8 +460,8 @@ mod tests {
         let (a, a_reader) = pair().await;
         let (b, b_reader) = pair().await;
         let before = batch::submissions();
-        let a = tokio::spawn(write_all(a, small, IDLE));
-        let b = tokio::spawn(write_all(b, large, IDLE));
+        let a = tokio::spawn(write_all(a, small, IDLE, Then::More));
+        let b = tokio::spawn(write_all(b, large, IDLE, Then::More));
         let a_read = tokio::spawn(read_all(a_reader));
         let b_read = tokio::spawn(read_all(b_reader));
         for writer in [a, b] {
@@ -410,6 +473,83 @@ mod tests {
         assert_eq!(batch::submissions() - before, 1, "sent through the ring");
         assert!(a_read.await.unwrap() == small_expected);
         assert!(b_read.await.unwrap() == large_expected);
+    }
+
+    /// Reads `stream` to its end, failing if the end does not come while
+    /// the writer still holds its end of the connection open.
+    async fn read_to_shutdown(stream: TcpStream) -> Vec<u8> {
+        tokio::time::timeout(Duration::from_secs(10), read_all(stream))
+            .await
+            .expect("the end of the stream came right behind the bytes")
+    }
+
+    #[cfg_attr(not(io_uring), ignore = "io_uring is unavailable on this machine")]
+    #[tokio::test]
+    async fn a_last_write_is_followed_by_the_end_of_the_stream() {
+        batching();
+        // In one batch: a last write that fits, a last write larger than
+        // loopback's socket buffers (its end comes once its rest is out),
+        // and a write after which the stream stays open.
+        let small = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nbye".to_vec();
+        let large: Vec<u8> = (0..24 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let (a, a_reader) = pair().await;
+        let (b, b_reader) = pair().await;
+        let (c, mut c_reader) = pair().await;
+        let before = batch::submissions();
+        let a = tokio::spawn(write_all(
+            a,
+            Gathered::of(small.clone()),
+            IDLE,
+            Then::Shutdown,
+        ));
+        let b = tokio::spawn(write_all(
+            b,
+            Gathered::of(large.clone()),
+            IDLE,
+            Then::Shutdown,
+        ));
+        let c = tokio::spawn(write_all(
+            c,
+            Gathered::of(b"more".to_vec()),
+            IDLE,
+            Then::More,
+        ));
+        let a_read = tokio::spawn(read_to_shutdown(a_reader));
+        let b_read = tokio::spawn(read_to_shutdown(b_reader));
+        // The writers' ends stay open until the readers have seen the end.
+        let mut held = Vec::new();
+        for writer in [a, b, c] {
+            let (stream, _, result) = writer.await.unwrap();
+            result.unwrap();
+            held.push(stream);
+        }
+        assert_eq!(batch::submissions() - before, 1, "sent through the ring");
+        assert!(a_read.await.unwrap() == small);
+        assert!(b_read.await.unwrap() == large);
+        // A stream that may carry more still does.
+        let c = held.pop().unwrap();
+        let (c, _, result) =
+            write_all(c, Gathered::of(b" and more".to_vec()), IDLE, Then::More).await;
+        result.unwrap();
+        drop((c, held));
+        let mut got = Vec::new();
+        c_reader.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"more and more");
+    }
+
+    #[test]
+    fn without_batching_a_last_write_is_followed_by_the_end_of_the_stream() {
+        without_batching(|| async {
+            for size in [5, 12 << 20] {
+                let (near, far) = pair().await;
+                let bytes: Vec<u8> = (0..size).map(|i: u32| (i % 253) as u8).collect();
+                let reading = tokio::spawn(read_to_shutdown(far));
+                let (_near, _, result) =
+                    write_all(near, Gathered::of(bytes.clone()), IDLE, Then::Shutdown).await;
+                result.unwrap();
+                assert!(reading.await.unwrap() == bytes);
+            }
+        });
     }
 
     /// Runs `test` on a fresh thread, on which nothing turned batching on.
@@ -431,7 +571,7 @@ mod tests {
             let (near, far) = pair().await;
             let (write, expected) = gathered(b"0123456789", &[0, 4, 10], 3 << 20);
             let reading = tokio::spawn(read_all(far));
-            let (near, _, result) = write_all(near, write, IDLE).await;
+            let (near, _, result) = write_all(near, write, IDLE, Then::More).await;
             result.unwrap();
             drop(near);
             assert!(reading.await.unwrap() == expected);
@@ -443,7 +583,8 @@ mod tests {
     fn without_batching_writes_go_out_one_by_one() {
         without_batching(|| async {
             let (near, mut far) = pair().await;
-            let (near, _, result) = write_all(near, Gathered::of(b"hello".to_vec()), IDLE).await;
+            let (near, _, result) =
+                write_all(near, Gathered::of(b"hello".to_vec()), IDLE, Then::More).await;
             result.unwrap();
             drop(near);
             let mut got = Vec::new();
