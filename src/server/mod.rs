@@ -127,11 +127,15 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
             stack: stack::for_client(&stack, peer),
             draining: draining.clone(),
         };
+        // The connection's future is large (a few KiB: every layer of the
+        // stack is in it) and lives on the heap from its start: the task
+        // the accept loop spawns, and reaps, is a small one, which moving
+        // into place and out again costs next to nothing.
         open.spawn(async move {
             let _slot = slot;
             let gateway = client.gateway.clone();
             let _open = gateway.metrics().connection_opened();
-            if let Err(e) = client.serve(stream).await {
+            if let Err(e) = Box::pin(client.serve(stream)).await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
         });
