@@ -64,6 +64,7 @@ pub mod reload;
 pub mod retry;
 pub mod router;
 pub mod server;
+pub mod socket;
 pub mod stack;
 pub mod status;
 pub mod upstream;

@@ -7,7 +7,8 @@
 //! up waiting (after about [`DEFER`]; it is accepted then, and
 //! `header_read_timeout` applies as usual).
 //!
-//! The second place in the crate with `unsafe`: one `setsockopt` that
+//! One of the three places in the crate with `unsafe` (with
+//! `write_batch::ring` and `server::listener`): one `setsockopt` that
 //! neither the standard library nor socket2 offers.
 
 use std::os::fd::AsRawFd;

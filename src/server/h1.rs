@@ -41,6 +41,7 @@ use crate::error::{ErrorCode, GatewayError};
 use crate::http1::Decoder;
 use crate::http1::encode::{self, Answering};
 use crate::http1::head::{self, BodyLength, HeadError, RequestHead};
+use crate::socket::Socket;
 use crate::write_batch::{Gathered, PIECE_MIN, Pieces, Then, write_now};
 
 /// The first bytes of every HTTP/2 connection with prior knowledge.
@@ -69,7 +70,7 @@ pub enum Ended {
 }
 
 /// Serves HTTP/1 requests on `stream` until the connection ends.
-pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError> {
+pub async fn serve(client: &Client, stream: Socket) -> Result<Ended, BoxError> {
     let mut settings = Settings::of(client);
     let mut stack = client.stack.clone();
     let mut io = ClientIo {
@@ -87,7 +88,7 @@ pub async fn serve(client: &Client, stream: TcpStream) -> Result<Ended, BoxError
     loop {
         let head = loop {
             if first && io.buf.starts_with(PREFACE) {
-                return Ok(Ended::Http2(io.stream, io.buf));
+                return Ok(Ended::Http2(io.stream.into_registered()?, io.buf));
             }
             // Not judged until it is clearly not the HTTP/2 preface.
             let maybe_preface = first && !io.buf.is_empty() && PREFACE.starts_with(&io.buf);
@@ -278,12 +279,12 @@ async fn linger(mut io: ClientIo) {
 /// goes out at the end of the turn with the turn's other writes, its large
 /// chunks uncopied too ([`crate::write_batch`]).
 async fn write_response(
-    mut stream: TcpStream,
+    mut stream: Socket,
     response: Response<Body>,
     answering: Answering,
     out: &mut Vec<u8>,
     idle: Duration,
-) -> Result<(TcpStream, bool), BoxError> {
+) -> Result<(Socket, bool), BoxError> {
     let (mut parts, mut body) = response.into_parts();
     let mut size = body.size_hint().exact();
     // Whatever the body has ready goes out with the head, in one write;
@@ -393,7 +394,7 @@ async fn poll_ready_frame(body: &mut Body) -> Poll<Option<Result<Frame<Bytes>, B
 
 /// Writes `out` and the chunks placed in it now, and clears both.
 async fn flush(
-    stream: &mut TcpStream,
+    stream: &mut Socket,
     out: &mut Vec<u8>,
     chunks: &mut Pieces,
     idle: Duration,

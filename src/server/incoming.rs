@@ -17,10 +17,11 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWrite;
 
 use crate::body::BoxError;
 use crate::http1::{Decoded, Decoder};
+use crate::socket::Socket;
 
 /// The interim response a client waiting on `Expect: 100-continue` gets.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -29,7 +30,7 @@ const BODY_READ: usize = 64 * 1024;
 
 /// A client connection: its socket and what has been read and not used.
 pub struct ClientIo {
-    pub stream: TcpStream,
+    pub stream: Socket,
     pub buf: BytesMut,
 }
 
@@ -92,10 +93,13 @@ impl http_body::Body for IncomingBody {
         };
         if let Some(written) = interim {
             while *written < CONTINUE.len() {
-                ready!(io.stream.poll_write_ready(cx))?;
-                match io.stream.try_write(&CONTINUE[*written..]) {
+                match ready!(Pin::new(&mut io.stream).poll_write(cx, &CONTINUE[*written..])) {
+                    Ok(0) => {
+                        return Poll::Ready(Some(Err(
+                            io::Error::from(io::ErrorKind::WriteZero).into()
+                        )));
+                    }
                     Ok(n) => *written += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Some(Err(e.into()))),
                 }
             }

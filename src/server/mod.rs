@@ -23,6 +23,8 @@ mod h1;
 mod h2;
 mod incoming;
 mod limit;
+#[cfg_attr(unix, allow(unsafe_code))]
+mod listener;
 
 pub use limit::{ConnectionLimit, Slot};
 
@@ -30,14 +32,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::BoxError;
 use crate::gateway::Gateway;
 use crate::proxy::headers::Peer;
+use crate::socket::Socket;
 use crate::stack::{self, Stack};
+use listener::Listener;
 
 /// Checks that `addr` is free (no one else listens there, even with
 /// SO_REUSEPORT) and resolves port 0 to a real port, for the workers' own
@@ -88,6 +92,13 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
     // polled, two locks each time, every time the connection's task runs.)
     let mut open = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let listener = match Listener::new(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "the listening socket cannot be served");
+            return;
+        }
+    };
 
     loop {
         let (stream, remote) = tokio::select! {
@@ -121,6 +132,13 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Fu
         // On Linux the connection has it from the listening socket.
         #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
+        let stream = match Listener::bare(stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "an accepted connection could not be set up");
+                continue;
+            }
+        };
         let peer = Peer::new(remote);
         let client = Client {
             gateway: gateway.clone(),
@@ -166,7 +184,7 @@ struct Client {
 }
 
 impl Client {
-    async fn serve(self, stream: TcpStream) -> Result<(), BoxError> {
+    async fn serve(self, stream: Socket) -> Result<(), BoxError> {
         match h1::serve(&self, stream).await? {
             h1::Ended::Closed => Ok(()),
             h1::Ended::Http2(stream, read) => h2::serve(&self, stream, read).await,
@@ -176,6 +194,8 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
+    use tokio::net::TcpStream;
+
     use super::*;
 
     /// On Linux the accept loop leaves `TCP_NODELAY` to the listening

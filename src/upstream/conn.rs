@@ -183,8 +183,11 @@ impl UpstreamConnection {
         // the others of that turn: an instance then wakes once for the
         // batch, not once per request.
         let (io, written, result) =
-            crate::write_batch::write_all(self.io, write, idle_timeout, Then::More).await;
-        self.io = io;
+            crate::write_batch::write_all(self.io.into(), write, idle_timeout, Then::More).await;
+        // Given back as it was given: registered.
+        self.io = io
+            .into_registered()
+            .map_err(|e| SendError::Failed(e.into()))?;
         let Gathered {
             buf: mut head,
             pieces,

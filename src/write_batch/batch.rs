@@ -6,11 +6,10 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::net::TcpStream;
-
 use super::pieces::MAX_SLICES;
 use super::ring::{Outgoing, RING_SIZE, Ring};
 use super::{Gathered, Then, shut_down};
+use crate::socket::Socket;
 
 thread_local! {
     static BATCH: RefCell<Option<Shared>> = const { RefCell::new(None) };
@@ -49,11 +48,7 @@ pub fn enable() -> bool {
 
 /// Adds a write to this thread's batch; gives the stream and bytes back
 /// when batching is off here or there is nothing to send.
-pub fn enqueue(
-    stream: TcpStream,
-    write: Gathered,
-    then: Then,
-) -> Result<Ticket, (TcpStream, Gathered)> {
+pub fn enqueue(stream: Socket, write: Gathered, then: Then) -> Result<Ticket, (Socket, Gathered)> {
     let Some(shared) = BATCH.with(|b| b.borrow().clone()) else {
         return Err((stream, write));
     };
@@ -95,7 +90,7 @@ pub struct Ticket {
 impl Ticket {
     /// The stream, the bytes and what the send did, flushing the batch
     /// first if it has not gone out yet.
-    pub fn take(mut self) -> (TcpStream, Gathered, io::Result<usize>) {
+    pub fn take(mut self) -> (Socket, Gathered, io::Result<usize>) {
         let (slot, sent_together) = lock(&self.batch)
             .take(self.index)
             .expect("a ticket's write stays in the batch until the ticket takes it");
@@ -120,7 +115,7 @@ impl Drop for Ticket {
 }
 
 struct Slot {
-    stream: TcpStream,
+    stream: Socket,
     write: Gathered,
     then: Then,
     /// What the send did; `None` until the batch has gone out.
@@ -140,7 +135,7 @@ struct Batch {
 }
 
 impl Batch {
-    fn add(&mut self, stream: TcpStream, write: Gathered, then: Then) -> usize {
+    fn add(&mut self, stream: Socket, write: Gathered, then: Then) -> usize {
         let slot = Some(Slot {
             stream,
             write,
@@ -251,7 +246,7 @@ impl Batch {
 }
 
 /// One non-blocking send of `write`, vectored if it has pieces.
-fn try_write(stream: &TcpStream, write: &Gathered) -> io::Result<usize> {
+fn try_write(stream: &Socket, write: &Gathered) -> io::Result<usize> {
     if write.pieces.is_empty() {
         return stream.try_write(&write.buf);
     }

@@ -40,7 +40,7 @@ use std::io;
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use crate::socket::Socket;
 
 pub use pieces::{PIECE_MIN, Pieces, write_now};
 
@@ -92,11 +92,11 @@ pub enum Then {
 /// `idle`, else the write fails (`TimedOut`). `then` says whether the
 /// stream's sending side is shut down once the write is all out.
 pub async fn write_all(
-    stream: TcpStream,
+    stream: Socket,
     write: Gathered,
     idle: Duration,
     then: Then,
-) -> (TcpStream, Gathered, io::Result<()>) {
+) -> (Socket, Gathered, io::Result<()>) {
     if write.is_empty() {
         if then == Then::Shutdown {
             shut_down(&stream);
@@ -130,8 +130,11 @@ pub async fn write_all(
 /// Shuts `stream`'s sending side down: the peer reads the end of the
 /// stream after what was sent. A failure (the peer is already gone) leaves
 /// nothing to do: the stream is closed soon after anyway.
-pub fn shut_down(stream: &TcpStream) {
-    if let Err(e) = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+pub fn shut_down(stream: &Socket) {
+    let Some(fd) = stream.fd() else {
+        return;
+    };
+    if let Err(e) = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write) {
         tracing::debug!(error = %e, "shutting a connection's sending side down failed");
     }
 }
@@ -204,7 +207,7 @@ mod tests {
 
     use bytes::Bytes;
     use tokio::io::AsyncReadExt;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
@@ -242,7 +245,7 @@ mod tests {
             .map(|(i, (near, far))| {
                 (
                     tokio::spawn(write_all(
-                        near,
+                        near.into(),
                         Gathered::of(vec![i; 100 + i as usize]),
                         IDLE,
                         Then::More,
@@ -284,8 +287,18 @@ mod tests {
         let (a, a_reader) = pair().await;
         let (b, b_reader) = pair().await;
         let before = batch::submissions();
-        let a = tokio::spawn(write_all(a, Gathered::of(big.clone()), IDLE, Then::More));
-        let b = tokio::spawn(write_all(b, Gathered::of(big.clone()), IDLE, Then::More));
+        let a = tokio::spawn(write_all(
+            a.into(),
+            Gathered::of(big.clone()),
+            IDLE,
+            Then::More,
+        ));
+        let b = tokio::spawn(write_all(
+            b.into(),
+            Gathered::of(big.clone()),
+            IDLE,
+            Then::More,
+        ));
         let a_read = tokio::spawn(read_len(a_reader, big.len()));
         let b_read = tokio::spawn(read_len(b_reader, big.len()));
         for writer in [a, b] {
@@ -326,13 +339,13 @@ mod tests {
                 }
                 let before = batch::submissions();
                 let late = tokio::spawn(write_all(
-                    full,
+                    full.into(),
                     Gathered::of(b"late".to_vec()),
                     IDLE,
                     Then::More,
                 ));
                 let first = tokio::spawn(write_all(
-                    other,
+                    other.into(),
                     Gathered::of(b"first".to_vec()),
                     IDLE,
                     Then::More,
@@ -362,7 +375,7 @@ mod tests {
         let (kept, mut kept_reader) = pair().await;
         let mut cx = Context::from_waker(Waker::noop());
         let mut cancelled = Box::pin(write_all(
-            dropped,
+            dropped.into(),
             Gathered::of(b"never".to_vec()),
             IDLE,
             Then::More,
@@ -373,7 +386,7 @@ mod tests {
         );
         drop(cancelled);
         let mut other = Box::pin(write_all(
-            kept,
+            kept.into(),
             Gathered::of(b"sent".to_vec()),
             IDLE,
             Then::More,
@@ -401,13 +414,13 @@ mod tests {
         let (fine, mut fine_reader) = pair().await;
         let before = batch::submissions();
         let reset = tokio::spawn(write_all(
-            reset,
+            reset.into(),
             Gathered::of(b"lost".to_vec()),
             IDLE,
             Then::More,
         ));
         let fine = tokio::spawn(write_all(
-            fine,
+            fine.into(),
             Gathered::of(b"kept".to_vec()),
             IDLE,
             Then::More,
@@ -460,8 +473,8 @@ mod tests {
         let (a, a_reader) = pair().await;
         let (b, b_reader) = pair().await;
         let before = batch::submissions();
-        let a = tokio::spawn(write_all(a, small, IDLE, Then::More));
-        let b = tokio::spawn(write_all(b, large, IDLE, Then::More));
+        let a = tokio::spawn(write_all(a.into(), small, IDLE, Then::More));
+        let b = tokio::spawn(write_all(b.into(), large, IDLE, Then::More));
         let a_read = tokio::spawn(read_all(a_reader));
         let b_read = tokio::spawn(read_all(b_reader));
         for writer in [a, b] {
@@ -497,19 +510,19 @@ mod tests {
         let (c, mut c_reader) = pair().await;
         let before = batch::submissions();
         let a = tokio::spawn(write_all(
-            a,
+            a.into(),
             Gathered::of(small.clone()),
             IDLE,
             Then::Shutdown,
         ));
         let b = tokio::spawn(write_all(
-            b,
+            b.into(),
             Gathered::of(large.clone()),
             IDLE,
             Then::Shutdown,
         ));
         let c = tokio::spawn(write_all(
-            c,
+            c.into(),
             Gathered::of(b"more".to_vec()),
             IDLE,
             Then::More,
@@ -544,8 +557,13 @@ mod tests {
                 let (near, far) = pair().await;
                 let bytes: Vec<u8> = (0..size).map(|i: u32| (i % 253) as u8).collect();
                 let reading = tokio::spawn(read_to_shutdown(far));
-                let (_near, _, result) =
-                    write_all(near, Gathered::of(bytes.clone()), IDLE, Then::Shutdown).await;
+                let (_near, _, result) = write_all(
+                    near.into(),
+                    Gathered::of(bytes.clone()),
+                    IDLE,
+                    Then::Shutdown,
+                )
+                .await;
                 result.unwrap();
                 assert!(reading.await.unwrap() == bytes);
             }
@@ -571,7 +589,7 @@ mod tests {
             let (near, far) = pair().await;
             let (write, expected) = gathered(b"0123456789", &[0, 4, 10], 3 << 20);
             let reading = tokio::spawn(read_all(far));
-            let (near, _, result) = write_all(near, write, IDLE, Then::More).await;
+            let (near, _, result) = write_all(near.into(), write, IDLE, Then::More).await;
             result.unwrap();
             drop(near);
             assert!(reading.await.unwrap() == expected);
@@ -583,8 +601,13 @@ mod tests {
     fn without_batching_writes_go_out_one_by_one() {
         without_batching(|| async {
             let (near, mut far) = pair().await;
-            let (near, _, result) =
-                write_all(near, Gathered::of(b"hello".to_vec()), IDLE, Then::More).await;
+            let (near, _, result) = write_all(
+                near.into(),
+                Gathered::of(b"hello".to_vec()),
+                IDLE,
+                Then::More,
+            )
+            .await;
             result.unwrap();
             drop(near);
             let mut got = Vec::new();

@@ -5,9 +5,9 @@
 use std::io::{self, IoSlice};
 use std::time::Duration;
 
+use crate::socket::Socket;
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 /// Body chunks at least this large go into a write as pieces; smaller
 /// ones cost less copied into its buffer than sent as slices of their own.
@@ -107,7 +107,7 @@ impl Pieces {
 /// (already sent); fails with `TimedOut` when the peer takes none of them
 /// for `idle`.
 pub async fn write_now(
-    stream: &mut TcpStream,
+    stream: &mut Socket,
     buf: &[u8],
     pieces: &Pieces,
     skip: usize,

@@ -1,5 +1,6 @@
 //! The io_uring that sends a batch of writes in one system call: with one
-//! socket option in `server::defer`, the only place in the crate that
+//! socket option in `server::defer` and the listening socket's
+//! registration in `server::listener`, the only place in the crate that
 //! uses `unsafe`.
 //!
 //! SAFETY, the whole argument. A submission names a socket (by file

@@ -1,0 +1,287 @@
+//! A TCP connection that joins the event loop only once it has to wait.
+//!
+//! Registering a socket with the event loop costs two `epoll_ctl` calls
+//! (one to add it, one to remove it before it closes) and the runtime's
+//! bookkeeping for it. A client that opens a connection per request needs
+//! neither: its request is already there when the connection is accepted
+//! (`TCP_DEFER_ACCEPT`, see `server::defer`), its answer fits in the
+//! socket's buffer, and the connection closes after it. So an accepted
+//! connection starts [bare](Socket::bare): reads and writes are plain
+//! non-blocking calls, and only the first one that would block registers
+//! the socket, for good, and waits the usual way. A connection that stays
+//! open (keep-alive) is registered when it first waits for its next
+//! request, as before; one that never waits is never registered.
+//!
+//! On a bare socket, a read fills at most [`BARE_READ`] bytes of the
+//! buffer (the standard library's `read` takes initialised memory, so
+//! that much is zeroed first): a request head, or the start of a body, is
+//! far less.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The most a read on a bare socket fills.
+pub const BARE_READ: usize = 16 * 1024;
+
+/// A connected TCP socket, registered with the event loop or not yet.
+#[derive(Debug)]
+pub struct Socket(State);
+
+#[derive(Debug)]
+enum State {
+    /// Not registered: every call is a plain non-blocking one.
+    Bare(std::net::TcpStream),
+    Registered(TcpStream),
+    /// Registering failed: the socket is closed, every call fails.
+    Broken,
+}
+
+impl Socket {
+    /// A socket not registered yet. It must be in non-blocking mode.
+    pub fn bare(stream: std::net::TcpStream) -> Self {
+        Self(State::Bare(stream))
+    }
+
+    /// Whether it has joined the event loop.
+    pub fn is_registered(&self) -> bool {
+        matches!(self.0, State::Registered(_))
+    }
+
+    /// The registered stream, registering it first if it is not yet.
+    pub fn into_registered(self) -> io::Result<TcpStream> {
+        match self.0 {
+            State::Registered(stream) => Ok(stream),
+            State::Bare(stream) => TcpStream::from_std(stream),
+            State::Broken => Err(broken()),
+        }
+    }
+
+    /// The registered stream, registering it now if it is not yet.
+    fn registered(&mut self) -> io::Result<&mut TcpStream> {
+        if let State::Bare(_) = self.0 {
+            let State::Bare(stream) = std::mem::replace(&mut self.0, State::Broken) else {
+                return Err(broken());
+            };
+            self.0 = State::Registered(TcpStream::from_std(stream)?);
+        }
+        match &mut self.0 {
+            State::Registered(stream) => Ok(stream),
+            _ => Err(broken()),
+        }
+    }
+
+    /// One non-blocking write of `bufs`, whether registered or not.
+    pub fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match &self.0 {
+            State::Bare(stream) => retry_interrupted(|| (&*stream).write_vectored(bufs)),
+            State::Registered(stream) => stream.try_write_vectored(bufs),
+            State::Broken => Err(broken()),
+        }
+    }
+
+    /// One non-blocking write of `buf`, whether registered or not.
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match &self.0 {
+            State::Bare(stream) => retry_interrupted(|| (&*stream).write(buf)),
+            State::Registered(stream) => stream.try_write(buf),
+            State::Broken => Err(broken()),
+        }
+    }
+}
+
+impl From<TcpStream> for Socket {
+    fn from(stream: TcpStream) -> Self {
+        Self(State::Registered(stream))
+    }
+}
+
+fn broken() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the socket could not join the event loop",
+    )
+}
+
+fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            result => return result,
+        }
+    }
+}
+
+/// What a call on a bare socket did: done, or it would block (and the
+/// socket must be registered to wait).
+fn bare<T>(result: io::Result<T>) -> Option<io::Result<T>> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        result => Some(result),
+    }
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> RawFd {
+        match &self.0 {
+            State::Bare(stream) => stream.as_raw_fd(),
+            State::Registered(stream) => stream.as_raw_fd(),
+            State::Broken => -1,
+        }
+    }
+}
+
+impl Socket {
+    /// The socket's descriptor, unless registering it failed.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.0 {
+            State::Bare(stream) => Some(stream.as_fd()),
+            State::Registered(stream) => Some(stream.as_fd()),
+            State::Broken => None,
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let State::Bare(stream) = &this.0 {
+            let room = buf.initialize_unfilled_to(buf.remaining().min(BARE_READ));
+            if let Some(read) = bare(retry_interrupted(|| (&*stream).read(room))) {
+                return Poll::Ready(read.map(|n| buf.advance(n)));
+            }
+        }
+        Pin::new(this.registered()?).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let State::Bare(_) = this.0
+            && let Some(written) = bare(this.try_write(buf))
+        {
+            return Poll::Ready(written);
+        }
+        Pin::new(this.registered()?).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let State::Bare(_) = this.0
+            && let Some(written) = bare(this.try_write_vectored(bufs))
+        {
+            return Poll::Ready(written);
+        }
+        Pin::new(this.registered()?).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().0 {
+            State::Bare(stream) => Poll::Ready(stream.shutdown(std::net::Shutdown::Write)),
+            State::Registered(stream) => Pin::new(stream).poll_shutdown(cx),
+            State::Broken => Poll::Ready(Err(broken())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A bare socket and its peer, over loopback.
+    async fn pair() -> (Socket, TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        (Socket::bare(accepted), peer)
+    }
+
+    #[tokio::test]
+    async fn what_is_there_is_read_and_answered_without_registering() {
+        let (mut socket, mut peer) = pair().await;
+        peer.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        // Wait until the bytes are in, through a registered duplicate of
+        // the socket, so that the bare read finds them.
+        let probe = TcpStream::from_std(std::net::TcpStream::from(
+            socket.fd().unwrap().try_clone_to_owned().unwrap(),
+        ))
+        .unwrap();
+        probe.readable().await.unwrap();
+        let mut buf = bytes::BytesMut::with_capacity(64);
+        socket.read_buf(&mut buf).await.unwrap();
+        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n\r\n");
+        socket.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        socket.shutdown().await.unwrap();
+        assert!(!socket.is_registered(), "nothing had to wait");
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"HTTP/1.1 200 OK\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_would_block_registers_and_waits() {
+        let (mut socket, mut peer) = pair().await;
+        let mut buf = [0u8; 5];
+        {
+            let mut read = std::pin::pin!(socket.read_exact(&mut buf));
+            // Nothing sent yet: the read registers the socket and waits.
+            let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+            assert!(first.is_pending());
+            peer.write_all(b"hello").await.unwrap();
+            read.await.unwrap();
+        }
+        assert_eq!(&buf, b"hello");
+        assert!(socket.is_registered());
+    }
+
+    #[tokio::test]
+    async fn a_write_that_would_block_registers_and_waits_for_room() {
+        let (mut socket, mut peer) = pair().await;
+        let big: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 249) as u8).collect();
+        let expected = big.clone();
+        let reading = tokio::spawn(async move {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        socket.write_all(&big).await.unwrap();
+        assert!(
+            socket.is_registered(),
+            "8 MiB do not fit in a socket's buffer"
+        );
+        socket.shutdown().await.unwrap();
+        assert!(reading.await.unwrap() == expected);
+    }
+}
