@@ -244,12 +244,7 @@ mod tests {
             .zip(pairs)
             .map(|(i, (near, far))| {
                 (
-                    tokio::spawn(write_all(
-                        near.into(),
-                        Gathered::of(vec![i; 100 + i as usize]),
-                        IDLE,
-                        Then::More,
-                    )),
+                    spawn_write(near, vec![i; 100 + i as usize], Then::More),
                     far,
                 )
             })
@@ -270,6 +265,16 @@ mod tests {
         );
     }
 
+    /// Spawns the write of `bytes` to `stream`: writers spawned together
+    /// run in the same turn, so their writes go out in one batch.
+    fn spawn_write(
+        stream: impl Into<Socket>,
+        bytes: Vec<u8>,
+        then: Then,
+    ) -> tokio::task::JoinHandle<(Socket, Gathered, io::Result<()>)> {
+        tokio::spawn(write_all(stream.into(), Gathered::of(bytes), IDLE, then))
+    }
+
     /// Reads exactly `len` bytes from `stream`.
     async fn read_len(mut stream: TcpStream, len: usize) -> Vec<u8> {
         let mut got = vec![0; len];
@@ -287,18 +292,8 @@ mod tests {
         let (a, a_reader) = pair().await;
         let (b, b_reader) = pair().await;
         let before = batch::submissions();
-        let a = tokio::spawn(write_all(
-            a.into(),
-            Gathered::of(big.clone()),
-            IDLE,
-            Then::More,
-        ));
-        let b = tokio::spawn(write_all(
-            b.into(),
-            Gathered::of(big.clone()),
-            IDLE,
-            Then::More,
-        ));
+        let a = spawn_write(a, big.clone(), Then::More);
+        let b = spawn_write(b, big.clone(), Then::More);
         let a_read = tokio::spawn(read_len(a_reader, big.len()));
         let b_read = tokio::spawn(read_len(b_reader, big.len()));
         for writer in [a, b] {
@@ -338,18 +333,8 @@ mod tests {
                     }
                 }
                 let before = batch::submissions();
-                let late = tokio::spawn(write_all(
-                    full.into(),
-                    Gathered::of(b"late".to_vec()),
-                    IDLE,
-                    Then::More,
-                ));
-                let first = tokio::spawn(write_all(
-                    other.into(),
-                    Gathered::of(b"first".to_vec()),
-                    IDLE,
-                    Then::More,
-                ));
+                let late = spawn_write(full, b"late".to_vec(), Then::More);
+                let first = spawn_write(other, b"first".to_vec(), Then::More);
                 let (_other, _, result) = first.await.unwrap();
                 result.unwrap();
                 assert_eq!(read_len(other_reader, 5).await, b"first");
@@ -413,18 +398,8 @@ mod tests {
         drop(reset_peer);
         let (fine, mut fine_reader) = pair().await;
         let before = batch::submissions();
-        let reset = tokio::spawn(write_all(
-            reset.into(),
-            Gathered::of(b"lost".to_vec()),
-            IDLE,
-            Then::More,
-        ));
-        let fine = tokio::spawn(write_all(
-            fine.into(),
-            Gathered::of(b"kept".to_vec()),
-            IDLE,
-            Then::More,
-        ));
+        let reset = spawn_write(reset, b"lost".to_vec(), Then::More);
+        let fine = spawn_write(fine, b"kept".to_vec(), Then::More);
         let (_, written, result) = reset.await.unwrap();
         assert!(result.is_err(), "{result:?}");
         assert_eq!(written.buf, b"lost", "the bytes come back with the error");
@@ -509,24 +484,9 @@ mod tests {
         let (b, b_reader) = pair().await;
         let (c, mut c_reader) = pair().await;
         let before = batch::submissions();
-        let a = tokio::spawn(write_all(
-            a.into(),
-            Gathered::of(small.clone()),
-            IDLE,
-            Then::Shutdown,
-        ));
-        let b = tokio::spawn(write_all(
-            b.into(),
-            Gathered::of(large.clone()),
-            IDLE,
-            Then::Shutdown,
-        ));
-        let c = tokio::spawn(write_all(
-            c.into(),
-            Gathered::of(b"more".to_vec()),
-            IDLE,
-            Then::More,
-        ));
+        let a = spawn_write(a, small.clone(), Then::Shutdown);
+        let b = spawn_write(b, large.clone(), Then::Shutdown);
+        let c = spawn_write(c, b"more".to_vec(), Then::More);
         let a_read = tokio::spawn(read_to_shutdown(a_reader));
         let b_read = tokio::spawn(read_to_shutdown(b_reader));
         // The writers' ends stay open until the readers have seen the end.
