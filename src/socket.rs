@@ -16,7 +16,9 @@
 //! of [`BARE_READ`] bytes and what it got is copied out: the standard
 //! library reads only into initialised memory, and zeroing the caller's
 //! buffer first (8 KiB for a request head) cost more than copying the
-//! few hundred bytes a request head is.
+//! few hundred bytes a request head is. A read that fills the scratch
+//! buffer registers the socket: more is coming (an upload), and it reads
+//! better straight into the caller's buffer.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -165,10 +167,18 @@ impl AsyncRead for Socket {
                 let room = buf.remaining().min(scratch.len());
                 let n = retry_interrupted(|| (&*stream).read(&mut scratch[..room]))?;
                 buf.put_slice(&scratch[..n]);
-                Ok(())
+                Ok(n)
             });
             if let Some(read) = bare(read) {
-                return Poll::Ready(read);
+                // A read that filled the scratch buffer: more is coming (an
+                // upload), which reads better registered, straight into
+                // the caller's buffer and in its size.
+                if matches!(read, Ok(BARE_READ))
+                    && let Err(e) = this.registered()
+                {
+                    tracing::debug!(error = %e, "a connection could not join the event loop");
+                }
+                return Poll::Ready(read.map(|_| ()));
             }
         }
         Pin::new(this.registered()?).poll_read(cx, buf)
@@ -240,17 +250,21 @@ mod tests {
         (Socket::bare(accepted), peer)
     }
 
-    #[tokio::test]
-    async fn what_is_there_is_read_and_answered_without_registering() {
-        let (mut socket, mut peer) = pair().await;
-        peer.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        // Wait until the bytes are in, through a registered duplicate of
-        // the socket, so that the bare read finds them.
+    /// Waits until `socket` has bytes to read, through a registered
+    /// duplicate of it, so that a bare read finds them.
+    async fn until_readable(socket: &Socket) {
         let probe = TcpStream::from_std(std::net::TcpStream::from(
             socket.fd().unwrap().try_clone_to_owned().unwrap(),
         ))
         .unwrap();
         probe.readable().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn what_is_there_is_read_and_answered_without_registering() {
+        let (mut socket, mut peer) = pair().await;
+        peer.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        until_readable(&socket).await;
         let mut buf = bytes::BytesMut::with_capacity(64);
         socket.read_buf(&mut buf).await.unwrap();
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n\r\n");
@@ -270,13 +284,19 @@ mod tests {
             .collect();
         peer.write_all(&sent).await.unwrap();
         peer.shutdown().await.unwrap();
+        until_readable(&socket).await;
         // Reads into a buffer smaller than the scratch one, then larger.
         let mut head = [0u8; 100];
         socket.read_exact(&mut head).await.unwrap();
+        assert!(!socket.is_registered());
         let mut rest = Vec::new();
         socket.read_to_end(&mut rest).await.unwrap();
         assert_eq!(head[..], sent[..100]);
         assert!(rest[..] == sent[100..]);
+        assert!(
+            socket.is_registered(),
+            "a read that filled the scratch buffer registered the socket"
+        );
     }
 
     #[tokio::test]
