@@ -93,6 +93,15 @@ impl Socket {
         }
     }
 
+    /// The socket's descriptor, unless registering it failed.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.0 {
+            State::Bare(stream) => Some(stream.as_fd()),
+            State::Registered(stream) => Some(stream.as_fd()),
+            State::Broken => None,
+        }
+    }
+
     /// One non-blocking write of `buf`, whether registered or not.
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match &self.0 {
@@ -134,24 +143,11 @@ fn bare<T>(result: io::Result<T>) -> Option<io::Result<T>> {
     }
 }
 
+/// A socket whose registering failed has no descriptor: -1, which no
+/// system call takes for a socket (the ring's send then fails `EBADF`).
 impl AsRawFd for Socket {
     fn as_raw_fd(&self) -> RawFd {
-        match &self.0 {
-            State::Bare(stream) => stream.as_raw_fd(),
-            State::Registered(stream) => stream.as_raw_fd(),
-            State::Broken => -1,
-        }
-    }
-}
-
-impl Socket {
-    /// The socket's descriptor, unless registering it failed.
-    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
-        match &self.0 {
-            State::Bare(stream) => Some(stream.as_fd()),
-            State::Registered(stream) => Some(stream.as_fd()),
-            State::Broken => None,
-        }
+        self.fd().map_or(-1, |fd| fd.as_raw_fd())
     }
 }
 
@@ -186,18 +182,14 @@ impl AsyncRead for Socket {
 }
 
 impl AsyncWrite for Socket {
+    /// One buffer is a vectored write of one slice: a single path for
+    /// both, bare or registered.
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let State::Bare(_) = this.0
-            && let Some(written) = bare(this.try_write(buf))
-        {
-            return Poll::Ready(written);
-        }
-        Pin::new(this.registered()?).poll_write(cx, buf)
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
