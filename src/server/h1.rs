@@ -29,7 +29,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response};
 use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::Service;
@@ -247,11 +247,12 @@ async fn refuse(io: ClientIo, refusal: HeadError, out: &mut Vec<u8>, idle: Durat
     }
 }
 
-/// Closes the connection gracefully: no more writes, and whatever the
-/// client still sends is read and dropped for a moment, so that the close
-/// does not reset the connection before the client has read the answer.
+/// Closes the connection gracefully: whatever the client still sends is
+/// read and dropped for a moment, so that the close does not reset the
+/// connection before the client has read the answer. The sending side is
+/// already shut: `write_response` did it right behind the answer, which
+/// told it the connection closes.
 async fn linger(mut io: ClientIo) {
-    let _ = io.stream.shutdown().await;
     let drain = async {
         let mut dropped = 0usize;
         loop {
