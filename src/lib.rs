@@ -38,6 +38,8 @@
 //!   applying a reloaded configuration to it.
 //! - [`reload`]: what a reload changes, what needs a restart, and the
 //!   record of reloads.
+//! - [`splice`]: large answers moved from the instance's socket to the
+//!   client's without copying them.
 //! - [`write_batch`]: writes that go out together at the end of the event
 //!   loop's turn, in one system call.
 
@@ -65,6 +67,7 @@ pub mod retry;
 pub mod router;
 pub mod server;
 pub mod socket;
+pub mod splice;
 pub mod stack;
 pub mod status;
 pub mod upstream;

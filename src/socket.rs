@@ -112,6 +112,33 @@ impl Socket {
     }
 }
 
+impl Socket {
+    /// Runs `write`, a non-blocking write-like call on the descriptor (a
+    /// `splice` to it, say), until it does not block: a bare socket tries
+    /// it as it is and registers only if it would block.
+    pub fn poll_write_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut write: impl FnMut(BorrowedFd<'_>) -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
+        if let State::Bare(stream) = &self.0
+            && let Some(done) = bare(retry_interrupted(|| write(stream.as_fd())))
+        {
+            return Poll::Ready(done);
+        }
+        let stream = self.registered()?;
+        loop {
+            std::task::ready!(stream.poll_write_ready(cx))?;
+            match stream.try_io(tokio::io::Interest::WRITABLE, || write(stream.as_fd())) {
+                // The readiness was stale (and is cleared now): wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+}
+
 impl From<TcpStream> for Socket {
     fn from(stream: TcpStream) -> Self {
         Self(State::Registered(stream))

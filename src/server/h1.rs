@@ -39,9 +39,10 @@ use super::incoming::{self, ClientIo};
 use crate::body::{self, Body, BoxError};
 use crate::error::{ErrorCode, GatewayError};
 use crate::http1::Decoder;
-use crate::http1::encode::{self, Answering};
+use crate::http1::encode::{self, Answering, Encoder};
 use crate::http1::head::{self, BodyLength, HeadError, RequestHead};
 use crate::socket::Socket;
+use crate::splice::Handoff;
 use crate::write_batch::{Gathered, PIECE_MIN, Pieces, Then, write_now};
 
 /// The first bytes of every HTTP/2 connection with prior knowledge.
@@ -310,6 +311,12 @@ async fn write_response(
     // around them in one vectored write.
     let mut chunks = Pieces::new();
     let mut streamed = false;
+    if let Encoder::Length(length) = encoder
+        && length >= crate::splice::SPLICE_MIN
+        && let Some(handoff) = parts.extensions.remove::<Handoff>()
+    {
+        return write_lent(stream, body, ready, encoder, handoff, out, idle, keep_alive).await;
+    }
     if encoder.has_body() {
         loop {
             let frame = match std::mem::replace(&mut ready, Poll::Pending) {
@@ -377,6 +384,57 @@ async fn write_response(
     *out = written.buf;
     shrink_out(out);
     result?;
+    Ok((stream, keep_alive))
+}
+
+/// Writes an answer whose body moves its bytes to the socket itself
+/// ([`crate::splice`]): the head, with what the body had ready, is lent
+/// to the body along with the socket, and every frame the body yields
+/// then stands for bytes it delivered. The length is checked as for any
+/// other answer; the socket comes back at the body's end.
+#[allow(clippy::too_many_arguments)]
+async fn write_lent(
+    stream: Socket,
+    mut body: Body,
+    ready: Poll<Option<Result<Frame<Bytes>, BoxError>>>,
+    mut encoder: Encoder,
+    handoff: Handoff,
+    out: &mut Vec<u8>,
+    idle: Duration,
+    keep_alive: bool,
+) -> Result<(Socket, bool), BoxError> {
+    if let Poll::Ready(Some(frame)) = ready
+        && let Ok(data) = frame?.into_data()
+    {
+        encoder.before_data(out, data.len())?;
+        out.extend_from_slice(&data);
+    }
+    handoff.lend(stream, std::mem::take(out));
+    while let Some(frame) = tokio::time::timeout(idle, body.frame())
+        .await
+        .map_err(|_| "the response body made no progress for idle_timeout")?
+    {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if !crate::splice::is_delivered(&data) {
+            return Err("a body lent the socket yielded bytes it did not deliver".into());
+        }
+        encoder.before_data(out, data.len())?;
+    }
+    encoder.finish(out)?;
+    let (stream, head) = handoff
+        .take_back()
+        .ok_or("the body did not give the socket back")?;
+    *out = head;
+    out.clear();
+    shrink_out(out);
+    if !keep_alive {
+        crate::write_batch::shut_down(&stream);
+    }
     Ok((stream, keep_alive))
 }
 

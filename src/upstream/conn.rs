@@ -39,6 +39,7 @@ use super::recycle;
 use crate::body::{Body, BoxError};
 use crate::http1::encode::{self, Encoder};
 use crate::http1::{Decoded, Decoder, head};
+use crate::splice::{self, Splicer};
 use crate::write_batch::{Gathered, PIECE_MIN, Then};
 
 /// Response heads larger than this are an error.
@@ -312,8 +313,15 @@ fn poll_fill(
     if read.capacity() - read.len() < 1024 {
         read.reserve(size.next());
     }
-    let room = read.capacity() - read.len();
-    let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, read))?;
+    // What the connection learned, even with more room: a buffer grown
+    // for one large body does not make every later head read large.
+    let room = (read.capacity() - read.len()).min(size.next());
+    let mut limited = bytes::BufMut::limit(&mut *read, room);
+    let n = ready!(tokio_util::io::poll_read_buf(
+        Pin::new(io),
+        cx,
+        &mut limited
+    ))?;
     size.record(n, room);
     Poll::Ready(Ok(n))
 }
@@ -438,6 +446,9 @@ pub struct UpstreamBody {
     decoder: Decoder,
     reusable: bool,
     pool: Option<Arc<Pool>>,
+    /// For a large body framed by its length: moves it to the client's
+    /// socket once the writer lends it ([`crate::splice`]).
+    splicer: Option<Splicer>,
 }
 
 impl UpstreamBody {
@@ -448,16 +459,25 @@ impl UpstreamBody {
         reusable: bool,
         pool: Option<Arc<Pool>>,
     ) -> Response<Self> {
+        let decoder = Decoder::new(head.body);
+        let (splicer, handoff) = match decoder {
+            Decoder::Length(n) => Splicer::for_length(n).unzip(),
+            _ => (None, None),
+        };
         let mut body = UpstreamBody {
             conn: Some(conn),
-            decoder: Decoder::new(head.body),
+            decoder,
             reusable,
             pool,
+            splicer,
         };
         if body.decoder.is_done() {
             body.finish();
         }
         let mut response = Response::new(body);
+        if let Some(handoff) = handoff {
+            response.extensions_mut().insert(handoff);
+        }
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
         *response.headers_mut() = head.headers;
@@ -498,6 +518,73 @@ impl UpstreamBody {
         Poll::Ready(None)
     }
 
+    /// The body once the client's socket is lent: everything in flight
+    /// is delivered before more is taken from the instance, and each frame
+    /// stands for bytes delivered ([`crate::splice::delivered`]).
+    fn poll_spliced(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut delivered = 0;
+        let mut closed = false;
+        while delivered + splice::PIPE_SIZE <= splice::FRAME_MAX {
+            let Some(splicer) = self.splicer.as_mut() else {
+                break;
+            };
+            let n = match splicer.poll_deliver(cx) {
+                Poll::Ready(n) => n?,
+                Poll::Pending if delivered > 0 => break,
+                Poll::Pending => return Poll::Pending,
+            };
+            delivered += n;
+            if n > 0 {
+                continue;
+            }
+            // Nothing in flight: take more from the instance.
+            let Some(conn) = self.conn.as_mut().filter(|_| !self.decoder.is_done()) else {
+                break;
+            };
+            match self.decoder.decode(&mut conn.read)? {
+                Decoded::Data(data) => splicer.hold(data),
+                Decoded::Done => {}
+                Decoded::NeedMore => {
+                    let Some(left) = self.decoder.raw_data() else {
+                        return Poll::Ready(Some(Err("a spliced body lost its length".into())));
+                    };
+                    debug_assert!(conn.read.is_empty());
+                    // The body's bytes are spliced, not read: the next
+                    // head is read small, with little of its body.
+                    conn.read_size.shrink();
+                    let n = match splicer.poll_take(&conn.io, left, cx) {
+                        Poll::Ready(n) => n?,
+                        Poll::Pending if delivered > 0 => break,
+                        Poll::Pending => return Poll::Pending,
+                    };
+                    if n == 0 {
+                        closed = true;
+                        break;
+                    }
+                    self.decoder.took(n as u64);
+                }
+            }
+            if self.decoder.is_done() {
+                self.finish();
+            }
+        }
+        if delivered > 0 {
+            Poll::Ready(Some(Ok(Frame::data(splice::delivered(delivered)))))
+        } else if closed {
+            self.closed()
+        } else {
+            Poll::Ready(None)
+        }
+    }
+
+    /// Body bytes spliced from the instance and not yet delivered.
+    fn in_flight(&self) -> usize {
+        self.splicer.as_ref().map_or(0, Splicer::in_flight)
+    }
+
     /// The connection, once a response sent without a pool has been read
     /// to its end and may carry another request; else `None`, and the
     /// connection is closed.
@@ -519,6 +606,9 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.splicer.as_ref().is_some_and(Splicer::is_lent) {
+            return this.poll_spliced(cx);
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -558,12 +648,12 @@ impl http_body::Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.decoder.is_done()
+        self.decoder.is_done() && self.in_flight() == 0
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.decoder.remaining() {
-            Some(left) => SizeHint::with_exact(left),
+            Some(left) => SizeHint::with_exact(left + self.in_flight() as u64),
             None => SizeHint::default(),
         }
     }
@@ -657,6 +747,75 @@ mod tests {
             head(Method::POST, None, false),
             "POST /a?b HTTP/1.1\r\nhost: h\r\nx: 1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
+    }
+
+    /// Once the writer lends the client's socket, the body writes the
+    /// head it was given, then itself (the part read with the instance's
+    /// head too), whole and in order, and yields only stand-ins for what
+    /// it delivered; the socket comes back at the end.
+    #[tokio::test]
+    async fn a_lent_socket_gets_the_head_then_the_whole_body() {
+        use crate::splice::{Handoff, is_delivered};
+        use tokio::io::AsyncReadExt;
+        use tokio::net::TcpListener;
+
+        let len = 3 * crate::splice::PIPE_SIZE + 12_345;
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = body.clone();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).await.unwrap();
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+            // Some of the body with the head, the rest in uneven pieces.
+            stream
+                .write_all(&[head.as_bytes(), &sent[..1000]].concat())
+                .await
+                .unwrap();
+            for piece in sent[1000..].chunks(70_001) {
+                stream.write_all(piece).await.unwrap();
+            }
+        });
+        let host = HeaderValue::from_static("h");
+        let request = Outbound::new(Method::GET, &["/"], &host, b"", crate::body::empty());
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let response = UpstreamConnection::new(stream, 0)
+            .send(request, None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let handoff = response.extensions().get::<Handoff>().cloned();
+        let handoff = handoff.expect("a body this large can be spliced");
+
+        let client_side = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(client_side.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (lent, _) = client_side.accept().await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < len + 5 {
+                assert_ne!(client.read_buf(&mut got).await.unwrap(), 0);
+            }
+            got
+        });
+        handoff.lend(lent.into(), b"head|".to_vec());
+        let mut body_frames = response.into_body();
+        let mut delivered = 0;
+        while let Some(frame) = body_frames.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            assert!(is_delivered(&data), "a frame of bytes not delivered");
+            delivered += data.len();
+        }
+        assert_eq!(delivered, len);
+        assert!(handoff.take_back().is_some(), "the socket comes back");
+        let got = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the client reads it all")
+            .unwrap();
+        assert!(got[..5] == *b"head|", "the head first");
+        assert!(got[5..] == body[..], "the body whole and in order");
     }
 
     /// A request whose connection turned out dead before a byte went out

@@ -1,0 +1,237 @@
+//! Large answers that the gateway splices from the instance's socket to
+//! the client's (src/splice.rs), seen from both ends with raw bytes: they
+//! arrive whole, in order and framed as the instance framed them; the
+//! client's connection and the instance's carry the next request after
+//! them; an instance that stops short and a client that vanishes end the
+//! exchange without harm to the next one. Answers just under the size
+//! that is spliced, and `HEAD`, take the copying path beside them.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{RawResponse, TestGateway, Upstream, Way, each_way, read_until_close, responses};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const QUIET: &str = "[health_check]\ninterval = \"0s\"\n";
+/// The smallest answer that is spliced (`splice::SPLICE_MIN`).
+const SPLICE_MIN: usize = 64 * 1024;
+/// The pattern repeats every this many bytes: a prime, so a piece lost,
+/// doubled or moved shows as a mismatch.
+const PERIOD: usize = 65_521;
+
+/// `len` bytes of a seeded pseudo-random pattern.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let period: Vec<u8> = (0..PERIOD)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 32) as u8
+        })
+        .collect();
+    period.iter().copied().cycle().take(len).collect()
+}
+
+/// An instance answering `GET /<n>` with `n` bytes of the pattern,
+/// framed by `Content-Length`.
+async fn instance() -> Upstream {
+    Upstream::start(|request: Request<hyper::body::Incoming>| async move {
+        let len: usize = request.uri().path()[1..].parse().unwrap_or(0);
+        Response::new(Full::new(Bytes::from(pattern(len))))
+    })
+    .await
+}
+
+/// Sizes each side of the splice threshold, one of many pipefuls, and
+/// one larger than the socket buffers between the ends hold.
+const SIZES: [usize; 4] = [SPLICE_MIN - 1, SPLICE_MIN, 700_001, 5 << 20];
+
+/// Reads exactly one response to a request for `len` bytes off `stream`.
+async fn read_answer(stream: &mut tokio::net::TcpStream, len: usize) -> RawResponse {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(response) = responses(&buf).pop() {
+            assert_eq!(responses(&buf).len(), 1, "one response, nothing after it");
+            return response;
+        }
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk));
+        let n = read
+            .await
+            .expect("the answer within 10 s")
+            .expect("a readable connection");
+        assert!(
+            n > 0,
+            "closed after {} bytes of a {len}-byte answer",
+            buf.len()
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Asks for every size in turn, then `HEAD` of a large one, on one
+/// connection: each answer is whole and exact, and the connections at both
+/// ends are kept for the next.
+async fn large_answers_arrive_whole_and_both_connections_carry_the_next(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let up = instance().await;
+    gw.register("big", &up.url()).await;
+    if way == Way::H2c {
+        for len in SIZES {
+            let request = Request::get(gw.url(&format!("/call/big/{len}")))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let response = gw.caller.response(request).await.expect("an answer");
+            assert_eq!(response.status(), 200);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert!(body[..] == pattern(len)[..], "{len} bytes over h2c");
+        }
+        assert_eq!(up.connections(), 1, "one connection to the instance");
+        return;
+    }
+    let mut stream = gw.raw().await;
+    for len in SIZES {
+        let request = format!("GET /call/big/{len} HTTP/1.1\r\nHost: gw\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream, len).await;
+        assert_eq!(answer.status, 200, "{len}");
+        assert_eq!(answer.header("content-length"), Some(&*len.to_string()));
+        assert!(answer.body == pattern(len), "{len} bytes, exact");
+    }
+    let len = SIZES[3];
+    let head = format!("HEAD /call/big/{len} HTTP/1.1\r\nHost: gw\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("the HEAD answer within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "a head and no body: {text}");
+    assert_eq!(up.connections(), 1, "one connection to the instance");
+}
+
+/// A client that asks for its connection to close, and an HTTP/1.0 one,
+/// get the whole answer and then the end of the stream.
+async fn a_closing_connection_ends_right_after_the_whole_answer(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let up = instance().await;
+    gw.register("big", &up.url()).await;
+    let len = 700_001;
+    for request in [
+        format!("GET /call/big/{len} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"),
+        format!("GET /call/big/{len} HTTP/1.0\r\nHost: gw\r\n\r\n"),
+    ] {
+        let mut stream = gw.raw().await;
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let (bytes, closed) = read_until_close(&mut stream, Duration::from_secs(10)).await;
+        assert!(closed, "the gateway closes after the answer");
+        let answers = responses(&bytes);
+        assert_eq!(answers.len(), 1, "{request:?}");
+        assert!(answers[0].body == pattern(len), "{request:?}: exact");
+        let head_len = bytes.len() - len;
+        assert!(bytes[..head_len].ends_with(b"\r\n\r\n"), "nothing after it");
+    }
+}
+
+/// An instance that closes its connection short of the length it
+/// declared: the client gets what there was and the connection closes,
+/// with nothing made up to fill the length; the next call is whole.
+async fn an_instance_that_stops_short_cuts_the_answer_off(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sent, declared) = (300_000, 1_000_000);
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let _ = conn.read(&mut head).await;
+                let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n\r\n");
+                let _ = conn.write_all(reply.as_bytes()).await;
+                let _ = conn.write_all(&pattern(sent)).await;
+                // Dropped: the instance closes the connection.
+            });
+        }
+    });
+    gw.register("short", &format!("http://{addr}")).await;
+    if way == Way::H2c {
+        let request = Request::get(gw.url("/call/short/x"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        // The stream is reset, before its head or in its body.
+        if let Ok(response) = gw.caller.response(request).await {
+            assert!(response.into_body().collect().await.is_err(), "cut off");
+        }
+        return;
+    }
+    let mut stream = gw.raw().await;
+    stream
+        .write_all(b"GET /call/short/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let (bytes, closed) = read_until_close(&mut stream, Duration::from_secs(10)).await;
+    assert!(closed, "the connection closes");
+    let head_len = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(
+        bytes[head_len..] == pattern(sent)[..],
+        "what the instance sent and no more ({} bytes)",
+        bytes.len() - head_len
+    );
+}
+
+/// A client that goes away in the middle of a large answer: the gateway
+/// lets go of it and the instance's connection, and the next client gets
+/// its answer whole.
+async fn a_client_gone_mid_answer_leaves_the_next_one_whole(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let up = instance().await;
+    gw.register("big", &up.url()).await;
+    let len = 16 << 20;
+    if way == Way::H2c {
+        let request = Request::get(gw.url(&format!("/call/big/{len}")))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = gw.caller.response(request).await.expect("a head");
+        drop(response);
+    } else {
+        let mut stream = gw.raw().await;
+        let request = format!("GET /call/big/{len} HTTP/1.1\r\nHost: gw\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut some = vec![0u8; 100_000];
+        stream.read_exact(&mut some).await.unwrap();
+        drop(stream);
+    }
+    let len = 700_001;
+    let mut stream = match way {
+        Way::H2c => {
+            let request = Request::get(gw.url(&format!("/call/big/{len}")))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let response = gw.caller.response(request).await.expect("an answer");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert!(body[..] == pattern(len)[..]);
+            return;
+        }
+        _ => gw.raw().await,
+    };
+    let request = format!("GET /call/big/{len} HTTP/1.1\r\nHost: gw\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut stream, len).await;
+    assert!(answer.body == pattern(len), "the next answer is exact");
+}
+
+each_way! {
+    large_answers_arrive_whole_and_both_connections_carry_the_next,
+    an_instance_that_stops_short_cuts_the_answer_off,
+    a_client_gone_mid_answer_leaves_the_next_one_whole;
+    http1: a_closing_connection_ends_right_after_the_whole_answer,
+}
