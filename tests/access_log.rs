@@ -146,6 +146,24 @@ async fn a_retried_call_logs_both_attempts_and_the_instance_that_answered() {
     assert_eq!(line["bytes_out"], 4);
 }
 
+/// A large answer is spliced from socket to socket, never read into the
+/// gateway (src/splice.rs): its line still counts every byte of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_answer_spliced_through_is_logged_with_every_byte() {
+    const LEN: usize = 700_001;
+    let upstream = Upstream::start(|_| async { common::response(200, vec![b'z'; LEN]) }).await;
+    let dir = TempDir::new("access-spliced");
+    config(&dir, true, "json", &[("files", vec![upstream.url()])]);
+    let mut gw = Running::start(&dir);
+
+    let reply = call(&gw, "GET", "/call/files/big", b"").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.body.len() == LEN && reply.body.iter().all(|&b| b == b'z'));
+    let line = access_line(&mut gw, &request_id(&reply));
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["bytes_out"], LEN);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_to_an_unknown_service_is_logged_without_an_instance() {
     let dir = TempDir::new("access-unknown");
