@@ -632,12 +632,32 @@ async fn stalling(
 }
 
 async fn a_response_body_that_stalls_is_cut_off_after_idle_timeout(way: Way) {
-    let gw = TestGateway::start_way(IDLE, way).await;
-    let (url, mut closed) = stalling(
+    stalled_body_is_cut_off(
+        way,
         "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
         b"123456789",
     )
     .await;
+}
+
+/// The same with an answer large enough to be spliced from socket to
+/// socket (src/splice.rs): its idle timeout holds as well.
+async fn a_spliced_response_body_that_stalls_is_cut_off_after_idle_timeout(way: Way) {
+    static SENT: [u8; 100_000] = [b'x'; 100_000];
+    stalled_body_is_cut_off(
+        way,
+        "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n",
+        &SENT,
+    )
+    .await;
+}
+
+/// An instance answers `head` and `sent` then goes silent: the client's
+/// body ends in an error once `idle_timeout` has passed, and the
+/// instance's connection is closed.
+async fn stalled_body_is_cut_off(way: Way, head: &'static str, sent: &'static [u8]) {
+    let gw = TestGateway::start_way(IDLE, way).await;
+    let (url, mut closed) = stalling(head, sent).await;
     gw.register("svc", &url).await;
     let started = Instant::now();
     let request = http::Request::get(gw.url("/call/svc/x"))
@@ -745,5 +765,6 @@ each_way! {
     head_answers_carry_the_upstream_length_or_none,
     a_204_reaches_the_client_without_content_length,
     a_response_body_that_stalls_is_cut_off_after_idle_timeout,
+    a_spliced_response_body_that_stalls_is_cut_off_after_idle_timeout,
     a_client_that_never_reads_cannot_hold_an_upstream_connection,
 }
