@@ -48,6 +48,13 @@ async fn instance() -> Upstream {
     .await
 }
 
+/// A `GET` of `path` on `gw`, for the caller (h2c).
+fn get(gw: &TestGateway, path: &str) -> Request<http_body_util::Empty<Bytes>> {
+    Request::get(gw.url(path))
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
 /// Sizes each side of the splice threshold, one of many pipefuls, and
 /// one larger than the socket buffers between the ends hold.
 const SIZES: [usize; 4] = [SPLICE_MIN - 1, SPLICE_MIN, 700_001, 5 << 20];
@@ -84,9 +91,7 @@ async fn large_answers_arrive_whole_and_both_connections_carry_the_next(way: Way
     gw.register("big", &up.url()).await;
     if way == Way::H2c {
         for len in SIZES {
-            let request = Request::get(gw.url(&format!("/call/big/{len}")))
-                .body(http_body_util::Empty::<Bytes>::new())
-                .unwrap();
+            let request = get(&gw, &format!("/call/big/{len}"));
             let response = gw.caller.response(request).await.expect("an answer");
             assert_eq!(response.status(), 200);
             let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -164,9 +169,7 @@ async fn an_instance_that_stops_short_cuts_the_answer_off(way: Way) {
     });
     gw.register("short", &format!("http://{addr}")).await;
     if way == Way::H2c {
-        let request = Request::get(gw.url("/call/short/x"))
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
+        let request = get(&gw, "/call/short/x");
         // The stream is reset, before its head or in its body.
         if let Ok(response) = gw.caller.response(request).await {
             assert!(response.into_body().collect().await.is_err(), "cut off");
@@ -197,9 +200,7 @@ async fn a_client_gone_mid_answer_leaves_the_next_one_whole(way: Way) {
     gw.register("big", &up.url()).await;
     let len = 16 << 20;
     if way == Way::H2c {
-        let request = Request::get(gw.url(&format!("/call/big/{len}")))
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
+        let request = get(&gw, &format!("/call/big/{len}"));
         let response = gw.caller.response(request).await.expect("a head");
         drop(response);
     } else {
@@ -213,9 +214,7 @@ async fn a_client_gone_mid_answer_leaves_the_next_one_whole(way: Way) {
     let len = 700_001;
     let mut stream = match way {
         Way::H2c => {
-            let request = Request::get(gw.url(&format!("/call/big/{len}")))
-                .body(http_body_util::Empty::<Bytes>::new())
-                .unwrap();
+            let request = get(&gw, &format!("/call/big/{len}"));
             let response = gw.caller.response(request).await.expect("an answer");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert!(body[..] == pattern(len)[..]);
