@@ -25,6 +25,8 @@ mod incoming;
 mod limit;
 #[cfg_attr(unix, allow(unsafe_code))]
 mod listener;
+#[cfg(target_os = "linux")]
+pub mod open_files;
 
 pub use limit::{ConnectionLimit, Slot};
 
