@@ -18,6 +18,10 @@
 //! log and the metrics count them, the idle timeouts see them come, and
 //! the writer still checks the length against the head's. At the body's
 //! end the writer takes the socket back for the next request.
+//!
+//! Where no pipe can be had (the open-files limit reached, say), the rest
+//! of that answer is read into memory and written from there, through the
+//! same lent socket: the answer is slower, never broken off.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -25,7 +29,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
@@ -41,6 +45,8 @@ pub const PIPE_SIZE: usize = 256 * 1024;
 pub const FRAME_MAX: usize = 1024 * 1024;
 /// Empty pipes each worker keeps for the next answers.
 const PIPES_KEPT: usize = 16;
+/// The most one read takes of an answer copied for want of a pipe.
+const COPY_READ: usize = 64 * 1024;
 
 /// What stand-in frames point into: their bytes are never read, only
 /// counted, so this is never touched (and costs no memory).
@@ -107,6 +113,8 @@ pub struct Splicer {
     pending: Bytes,
     /// Bytes spliced from the instance, not yet to the client.
     pipe: Option<Pipe>,
+    /// No pipe could be had: the rest is read into `pending` instead.
+    copying: bool,
 }
 
 impl Splicer {
@@ -121,6 +129,7 @@ impl Splicer {
             handoff: handoff.clone(),
             pending: Bytes::new(),
             pipe: None,
+            copying: false,
         };
         Some((splicer, handoff))
     }
@@ -179,7 +188,7 @@ impl Splicer {
 
     /// Splices up to `want` bytes from the instance's socket into the
     /// pipe, once nothing is in flight: ready with how many (0 when the
-    /// instance closed the connection).
+    /// instance closed the connection). Without a pipe, reads them.
     pub fn poll_take(
         &mut self,
         from: &TcpStream,
@@ -187,18 +196,49 @@ impl Splicer {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
         debug_assert_eq!(self.in_flight(), 0);
-        if self.pipe.is_none() {
-            self.pipe = Some(pipes::take()?);
+        let want = usize::try_from(want).unwrap_or(usize::MAX);
+        if self.pipe.is_none() && !self.copying {
+            match pipes::take() {
+                Ok(pipe) => self.pipe = Some(pipe),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe for a large answer: copying it");
+                    self.copying = true;
+                }
+            }
         }
-        let pipe = self.pipe.as_mut().expect("just set");
-        let want = usize::try_from(want)
-            .unwrap_or(usize::MAX)
-            .min(pipe.size.min(PIPE_SIZE));
+        let Some(pipe) = self.pipe.as_mut() else {
+            return self.poll_read(from, want, cx);
+        };
+        let want = want.min(pipe.size.min(PIPE_SIZE));
         loop {
             ready!(from.poll_read_ready(cx))?;
             match from.try_io(Interest::READABLE, || pipe.fill_from(from, want)) {
                 Ok(n) => {
                     pipe.held = n;
+                    return Poll::Ready(Ok(n));
+                }
+                // The readiness was stale (and is cleared now): wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Reads up to `want` bytes from the instance's socket into
+    /// `pending`: ready with how many (0 when the instance closed).
+    fn poll_read(
+        &mut self,
+        from: &TcpStream,
+        want: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let mut read = BytesMut::with_capacity(want.min(COPY_READ));
+        loop {
+            ready!(from.poll_read_ready(cx))?;
+            match from.try_read_buf(&mut read) {
+                Ok(n) => {
+                    self.pending = read.freeze();
                     return Poll::Ready(Ok(n));
                 }
                 // The readiness was stale (and is cleared now): wait again.
@@ -283,7 +323,7 @@ impl Pipe {
 
 /// Each worker's empty pipes: making one costs two or three system calls
 /// and closing it two more.
-mod pipes {
+pub(crate) mod pipes {
     use std::cell::RefCell;
     use std::io;
 
@@ -293,11 +333,49 @@ mod pipes {
         static KEPT: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
     }
 
+    /// What this thread's pipes are short of, for tests.
+    #[cfg(test)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Scarce {
+        Nothing,
+        /// No pipe at all, as when the open-files limit is reached.
+        Pipes,
+        /// Pipes of one page, as when the pipe allowance is used up.
+        Pages,
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        static SCARCE: std::cell::Cell<Scarce> = const { std::cell::Cell::new(Scarce::Nothing) };
+    }
+
+    /// From now on this thread's pipes are short of `what`.
+    #[cfg(test)]
+    pub fn make_scarce(what: Scarce) {
+        SCARCE.set(what);
+    }
+
+    /// How many empty pipes this thread keeps.
+    #[cfg(test)]
+    pub fn kept() -> usize {
+        KEPT.with_borrow(Vec::len)
+    }
+
     pub(super) fn take() -> io::Result<Pipe> {
-        match KEPT.with_borrow_mut(Vec::pop) {
-            Some(pipe) => Ok(pipe),
-            None => Pipe::new(),
+        if let Some(pipe) = KEPT.with_borrow_mut(Vec::pop) {
+            return Ok(pipe);
         }
+        #[cfg(test)]
+        match SCARCE.get() {
+            Scarce::Nothing => {}
+            Scarce::Pipes => return Err(io::Error::from_raw_os_error(24)), // EMFILE
+            Scarce::Pages => {
+                let mut pipe = Pipe::new()?;
+                pipe.size = rustix::pipe::fcntl_setpipe_size(&pipe.write, 4096)?;
+                return Ok(pipe);
+            }
+        }
+        Pipe::new()
     }
 
     /// Keeps an empty pipe for the next answer; one with bytes left in it

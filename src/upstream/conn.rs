@@ -752,9 +752,35 @@ mod tests {
     /// Once the writer lends the client's socket, the body writes the
     /// head it was given, then itself (the part read with the instance's
     /// head too), whole and in order, and yields only stand-ins for what
-    /// it delivered; the socket comes back at the end.
+    /// it delivered; the socket comes back at the end, and the pipe to
+    /// this worker's pool.
     #[tokio::test]
     async fn a_lent_socket_gets_the_head_then_the_whole_body() {
+        lent_socket_gets_head_then_body().await;
+        assert_eq!(crate::splice::pipes::kept(), 1, "spliced through a pipe");
+    }
+
+    /// Without a pipe to be had (the open-files limit reached), the same
+    /// answer goes through memory, whole.
+    #[tokio::test]
+    async fn without_a_pipe_a_lent_socket_still_gets_the_whole_body() {
+        use crate::splice::pipes::{self, Scarce};
+        pipes::make_scarce(Scarce::Pipes);
+        lent_socket_gets_head_then_body().await;
+        assert_eq!(pipes::kept(), 0, "no pipe was used");
+    }
+
+    /// Pipes of one page (the user's pipe allowance used up) carry it
+    /// whole, a page at a time.
+    #[tokio::test]
+    async fn through_a_one_page_pipe_a_lent_socket_gets_the_whole_body() {
+        use crate::splice::pipes::{self, Scarce};
+        pipes::make_scarce(Scarce::Pages);
+        lent_socket_gets_head_then_body().await;
+        assert_eq!(pipes::kept(), 1, "spliced through a pipe");
+    }
+
+    async fn lent_socket_gets_head_then_body() {
         use crate::splice::{Handoff, is_delivered};
         use tokio::io::AsyncReadExt;
         use tokio::net::TcpListener;
