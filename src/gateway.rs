@@ -197,6 +197,8 @@ impl Gateway {
         self.admin_token.set(&new.gateway.admin_token);
         self.connection_slots
             .resize(new.limits.max_connections as usize);
+        #[cfg(target_os = "linux")]
+        crate::server::open_files::warn_if_short(new.limits.max_connections);
         self.config.store(new);
         Ok((applied, not_applied))
     }

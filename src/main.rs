@@ -177,29 +177,14 @@ fn serve(
 #[cfg(target_os = "linux")]
 fn raise_open_files(max_connections: u32) {
     use switchyard::server::open_files;
-    let limit = match open_files::raise() {
-        Ok(raised) => {
-            if raised.to != raised.from {
-                tracing::info!(from = ?raised.from, to = ?raised.to, "open files limit raised");
-            }
-            raised.to
+    match open_files::raise() {
+        Ok(raised) if raised.to != raised.from => {
+            tracing::info!(from = ?raised.from, to = ?raised.to, "open files limit raised");
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot raise the open files limit");
-            open_files::soft()
-        }
-    };
-    let needed = open_files::needed(max_connections);
-    if let Some(limit) = limit.filter(|&limit| limit < needed) {
-        tracing::warn!(
-            limit,
-            max_connections,
-            needed,
-            "the open files limit is short of what limits.max_connections needs: past it, \
-             connections are not accepted and instances cannot be reached; raise the hard limit \
-             (ulimit -Hn, systemd's LimitNOFILE) or lower max_connections"
-        );
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
     }
+    open_files::warn_if_short(max_connections);
 }
 
 /// Warns when anyone who can reach `local` could change the registry.

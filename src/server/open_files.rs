@@ -47,6 +47,22 @@ pub fn soft() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
+/// Warns when the soft limit in force is short of what `max_connections`
+/// needs; at start, after [`raise`], and after each reload.
+pub fn warn_if_short(max_connections: u32) {
+    let needed = needed(max_connections);
+    if let Some(limit) = soft().filter(|&limit| limit < needed) {
+        tracing::warn!(
+            limit,
+            max_connections,
+            needed,
+            "the open files limit is short of what limits.max_connections needs: past it, \
+             connections are not accepted and instances cannot be reached; raise the hard limit \
+             (ulimit -Hn, systemd's LimitNOFILE) or lower max_connections"
+        );
+    }
+}
+
 /// About how many files a gateway holding `max_connections` client
 /// connections keeps open: each one's socket and its instance's, and a
 /// margin for the listeners, the store, the logs and health checks.
