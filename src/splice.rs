@@ -19,9 +19,10 @@
 //! the writer still checks the length against the head's. At the body's
 //! end the writer takes the socket back for the next request.
 //!
-//! Where no pipe can be had (the open-files limit reached, say), the rest
-//! of that answer is read into memory and written from there, through the
-//! same lent socket: the answer is slower, never broken off.
+//! Where no pipe can be had (the open-files limit reached, say), the body
+//! reads the rest of that answer as it reads any other and [`Splicer::hold`]s
+//! it, to be written through the same lent socket: the answer is slower,
+//! never broken off.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -29,7 +30,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
@@ -45,8 +46,6 @@ pub const PIPE_SIZE: usize = 256 * 1024;
 pub const FRAME_MAX: usize = 1024 * 1024;
 /// Empty pipes each worker keeps for the next answers.
 const PIPES_KEPT: usize = 16;
-/// The most one read takes of an answer copied for want of a pipe.
-const COPY_READ: usize = 64 * 1024;
 
 /// What stand-in frames point into: their bytes are never read, only
 /// counted, so this is never touched (and costs no memory).
@@ -113,7 +112,7 @@ pub struct Splicer {
     pending: Bytes,
     /// Bytes spliced from the instance, not yet to the client.
     pipe: Option<Pipe>,
-    /// No pipe could be had: the rest is read into `pending` instead.
+    /// No pipe could be had: the rest is read and held instead.
     copying: bool,
 }
 
@@ -186,17 +185,10 @@ impl Splicer {
         Poll::Ready(Ok(n))
     }
 
-    /// Splices up to `want` bytes from the instance's socket into the
-    /// pipe, once nothing is in flight: ready with how many (0 when the
-    /// instance closed the connection). Without a pipe, reads them.
-    pub fn poll_take(
-        &mut self,
-        from: &TcpStream,
-        want: u64,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        debug_assert_eq!(self.in_flight(), 0);
-        let want = usize::try_from(want).unwrap_or(usize::MAX);
+    /// Whether the rest of the body can be spliced: a pipe is taken the
+    /// first time. Without one to be had (the open-files limit reached),
+    /// the caller reads the rest and [`hold`](Self::hold)s it.
+    pub fn has_pipe(&mut self) -> bool {
         if self.pipe.is_none() && !self.copying {
             match pipes::take() {
                 Ok(pipe) => self.pipe = Some(pipe),
@@ -206,8 +198,22 @@ impl Splicer {
                 }
             }
         }
+        self.pipe.is_some()
+    }
+
+    /// Splices up to `want` bytes from the instance's socket into the
+    /// pipe ([`has_pipe`](Self::has_pipe) first), once nothing is in
+    /// flight: ready with how many (0 when the instance closed the
+    /// connection).
+    pub fn poll_take(
+        &mut self,
+        from: &TcpStream,
+        want: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        debug_assert_eq!(self.in_flight(), 0);
         let Some(pipe) = self.pipe.as_mut() else {
-            return self.poll_read(from, want, cx);
+            return Poll::Ready(Err(io::Error::other("splicing without a pipe")));
         };
         let want = want.min(pipe.size.min(PIPE_SIZE));
         loop {
@@ -215,30 +221,6 @@ impl Splicer {
             match from.try_io(Interest::READABLE, || pipe.fill_from(from, want)) {
                 Ok(n) => {
                     pipe.held = n;
-                    return Poll::Ready(Ok(n));
-                }
-                // The readiness was stale (and is cleared now): wait again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-
-    /// Reads up to `want` bytes from the instance's socket into
-    /// `pending`: ready with how many (0 when the instance closed).
-    fn poll_read(
-        &mut self,
-        from: &TcpStream,
-        want: usize,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        let mut read = BytesMut::with_capacity(want.min(COPY_READ));
-        loop {
-            ready!(from.poll_read_ready(cx))?;
-            match from.try_read_buf(&mut read) {
-                Ok(n) => {
-                    self.pending = read.freeze();
                     return Poll::Ready(Ok(n));
                 }
                 // The readiness was stale (and is cleared now): wait again.

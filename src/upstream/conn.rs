@@ -555,7 +555,20 @@ impl UpstreamBody {
                     // The body's bytes are spliced, not read: the next
                     // head is read small, with little of its body.
                     conn.read_size.shrink();
-                    let n = match splicer.poll_take(&conn.io, left, cx) {
+                    let want = usize::try_from(left).unwrap_or(usize::MAX);
+                    let taken = if splicer.has_pipe() {
+                        splicer.poll_take(&conn.io, want, cx)
+                    } else {
+                        // No pipe to be had: read the rest as any body
+                        // is read, and deliver it from memory.
+                        poll_direct(&mut conn.io, want, cx).map_ok(|data| {
+                            let data = data.unwrap_or_default();
+                            let n = data.len();
+                            splicer.hold(data);
+                            n
+                        })
+                    };
+                    let n = match taken {
                         Poll::Ready(n) => n?,
                         Poll::Pending if delivered > 0 => break,
                         Poll::Pending => return Poll::Pending,
