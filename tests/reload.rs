@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::process::{Running, TempDir};
+use common::process::{self, Running, TempDir};
 use common::{Echo, Reply, TestGateway, Upstream, eventually, response};
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
@@ -672,4 +672,53 @@ async fn sighup_turns_the_access_log_on_in_json() {
         "no access line before the reload: {:#?}",
         gw.seen
     );
+}
+
+/// The soft and hard open-files limits of process `pid`.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("/proc/PID/limits has the open-files line");
+    let mut figures = line["Max open files".len()..].split_whitespace();
+    let soft = figures.next().unwrap().to_string();
+    (soft, figures.next().unwrap().to_string())
+}
+
+/// The open-files limit (src/server/open_files.rs) is raised to the hard
+/// limit at start, and one short of what `max_connections` needs is
+/// warned of, at start and after each reload.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit_and_a_short_one_warned_of() {
+    let dir = TempDir::new("nofile");
+    // 1000 connections need some 2 256 open files: enough.
+    dir.config("[limits]\nmax_connections = 1000\n");
+    // As a shell with `ulimit -Sn 256` under a hard limit of 4096 starts it.
+    let wrapper = ["prlimit", "--nofile=256:4096", "--"];
+    let mut running = Running::spawn(process::under(&wrapper, &dir.0));
+    let raised = running
+        .seen
+        .iter()
+        .find(|line| line.contains("open files limit raised"));
+    let raised = raised.unwrap_or_else(|| panic!("not raised: {:#?}", running.seen));
+    assert!(raised.contains("from=Some(256) to=Some(4096)"), "{raised}");
+    assert!(
+        !running.seen.iter().any(|line| line.contains("is short")),
+        "{:#?}",
+        running.seen
+    );
+    assert_eq!(
+        open_files_limits(running.child.id()),
+        ("4096".to_string(), "4096".to_string())
+    );
+    // A reload to 5000 needs some 10 256: more than the hard limit.
+    dir.config("[limits]\nmax_connections = 5000\n");
+    running.hangup();
+    let short = running.wait_for("open files limit is short");
+    assert!(
+        short.contains("limit=4096") && short.contains("needed=10256"),
+        "{short}"
+    );
+    assert_eq!(running.terminate().0.code(), Some(0));
 }

@@ -52,7 +52,21 @@ impl Drop for TempDir {
 }
 
 pub fn gateway(dir: &Path) -> Command {
-    let mut command = Command::new(BIN);
+    under(&[], dir)
+}
+
+/// The binary run by `wrapper`, a program and its arguments that exec it
+/// (`prlimit ... --`, say; the child's pid is then the gateway's), in
+/// `dir`.
+pub fn under(wrapper: &[&str], dir: &Path) -> Command {
+    let mut command = match wrapper {
+        [] => Command::new(BIN),
+        [program, args @ ..] => {
+            let mut command = Command::new(program);
+            command.args(args).arg(BIN);
+            command
+        }
+    };
     command.current_dir(dir);
     for var in ["SERVICE_PORT", "SERVICE_NAME", "SWITCHYARD_ADMIN_TOKEN"] {
         command.env_remove(var);
@@ -72,7 +86,12 @@ pub struct Running {
 
 impl Running {
     pub fn start(dir: &TempDir) -> Self {
-        let mut child = gateway(&dir.0)
+        Self::spawn(gateway(&dir.0))
+    }
+
+    /// `command`, which runs the gateway, until it listens.
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
