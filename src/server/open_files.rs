@@ -11,7 +11,7 @@ use std::io;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 /// What the raise did: the soft limit before and after (`None`: none).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Raised {
     pub from: Option<u64>,
     pub to: Option<u64>,
@@ -43,7 +43,7 @@ pub fn raise() -> io::Result<Raised> {
 }
 
 /// The soft limit in force (`None`: none).
-pub fn soft() -> Option<u64> {
+fn soft() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
@@ -66,7 +66,7 @@ pub fn warn_if_short(max_connections: u32) {
 /// About how many files a gateway holding `max_connections` client
 /// connections keeps open: each one's socket and its instance's, and a
 /// margin for the listeners, the store, the logs and health checks.
-pub fn needed(max_connections: u32) -> u64 {
+fn needed(max_connections: u32) -> u64 {
     2 * u64::from(max_connections) + 256
 }
 
