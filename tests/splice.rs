@@ -228,8 +228,52 @@ async fn a_client_gone_mid_answer_leaves_the_next_one_whole(way: Way) {
     assert!(answer.body == pattern(len), "the next answer is exact");
 }
 
+/// Requests for spliced and copied answers pipelined in one write (over
+/// h2c, sent at once on one connection): every answer whole, exact and in
+/// its place, the socket going from the body that borrowed it to the next
+/// answer's writer.
+async fn answers_to_pipelined_requests_keep_their_order_across_splices(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let up = instance().await;
+    gw.register("big", &up.url()).await;
+    let lens = [700_001, 100, SPLICE_MIN, 5 << 20, SPLICE_MIN - 1];
+    if way == Way::H2c {
+        let calls = lens.map(|len| {
+            let caller = gw.caller.clone();
+            let request = get(&gw, &format!("/call/big/{len}"));
+            tokio::spawn(async move {
+                let response = caller.response(request).await.expect("an answer");
+                response.into_body().collect().await.unwrap().to_bytes()
+            })
+        });
+        for (len, call) in lens.into_iter().zip(calls) {
+            assert!(call.await.unwrap()[..] == pattern(len)[..], "{len} bytes");
+        }
+        return;
+    }
+    let mut requests = String::new();
+    for len in lens {
+        requests += &format!("GET /call/big/{len} HTTP/1.1\r\nHost: gw\r\n\r\n");
+    }
+    requests += "GET /call/big/1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n";
+    let mut stream = gw.raw().await;
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let (read, closed) = read_until_close(&mut stream, Duration::from_secs(20)).await;
+    assert!(closed, "Connection: close is honoured");
+    let answers = responses(&read);
+    assert_eq!(answers.len(), lens.len() + 1, "one answer per request");
+    for (answer, len) in answers.iter().zip(lens.into_iter().chain([1])) {
+        assert_eq!(answer.status, 200, "{len}");
+        assert!(
+            answer.body == pattern(len),
+            "{len} bytes, exact and in order"
+        );
+    }
+}
+
 each_way! {
     large_answers_arrive_whole_and_both_connections_carry_the_next,
+    answers_to_pipelined_requests_keep_their_order_across_splices,
     an_instance_that_stops_short_cuts_the_answer_off,
     a_client_gone_mid_answer_leaves_the_next_one_whole;
     http1: a_closing_connection_ends_right_after_the_whole_answer,
