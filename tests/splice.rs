@@ -228,6 +228,68 @@ async fn a_client_gone_mid_answer_leaves_the_next_one_whole(way: Way) {
     assert!(answer.body == pattern(len), "the next answer is exact");
 }
 
+/// An instance that sends a forged answer right behind a spliced one, in
+/// the same write: the gateway splices only the declared length, and the
+/// stray bytes left on that connection never answer the next call (the
+/// connection is not reused).
+async fn bytes_past_a_spliced_answer_never_answer_the_next_call(way: Way) {
+    let gw = TestGateway::start_way(QUIET, way).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let len = 100_000;
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                while let Ok(n @ 1..) = conn.read(&mut head).await {
+                    let reply = if head[..n].starts_with(b"GET /first") {
+                        let mut reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n")
+                            .into_bytes();
+                        reply.extend_from_slice(&pattern(len));
+                        reply.extend_from_slice(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!",
+                        );
+                        reply
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\ngood!".to_vec()
+                    };
+                    if conn.write_all(&reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    gw.register("stray", &format!("http://{addr}")).await;
+    if way == Way::H2c {
+        for (path, want) in [("first", pattern(len)), ("second", b"good!".to_vec())] {
+            let request = get(&gw, &format!("/call/stray/{path}"));
+            let response = gw.caller.response(request).await.expect("an answer");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert!(
+                body[..] == want[..],
+                "{path}: {:?}",
+                &body[..body.len().min(16)]
+            );
+        }
+        return;
+    }
+    let mut stream = gw.raw().await;
+    stream
+        .write_all(b"GET /call/stray/first HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answer(&mut stream, len).await;
+    assert!(answer.body == pattern(len), "the declared length, exact");
+    stream
+        .write_all(b"GET /call/stray/second HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answer(&mut stream, 5).await;
+    assert_eq!(answer.text(), "good!", "not the forged answer");
+}
+
 /// Requests for spliced and copied answers pipelined in one write (over
 /// h2c, sent at once on one connection): every answer whole, exact and in
 /// its place, the socket going from the body that borrowed it to the next
@@ -274,6 +336,7 @@ async fn answers_to_pipelined_requests_keep_their_order_across_splices(way: Way)
 each_way! {
     large_answers_arrive_whole_and_both_connections_carry_the_next,
     answers_to_pipelined_requests_keep_their_order_across_splices,
+    bytes_past_a_spliced_answer_never_answer_the_next_call,
     an_instance_that_stops_short_cuts_the_answer_off,
     a_client_gone_mid_answer_leaves_the_next_one_whole;
     http1: a_closing_connection_ends_right_after_the_whole_answer,
